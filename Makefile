@@ -1,0 +1,34 @@
+# One environment for everything: `make demo` runs the main job, `make test` the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch's pinned CPU/CUDA wheels; override for another platform, e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck data clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m tl_deploy.datasets animal-shape --out data/animal-shape
+
+demo: data
+	$(PY) -m tl_deploy.finetune
+
+lint: $(STAMP)
+	$(PY) -m ruff check tl_deploy tests bench app
+
+typecheck: $(STAMP)
+	$(PY) -m mypy tl_deploy
+
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,230 @@
+"""The on-disk model artifact: a folder that fully describes a fine-tuned classifier.
+
+::
+
+    models/<run-name>/
+      model.safetensors   weights (no pickle)
+      config.json         architecture, classes, PreprocessSpec, training config, versions, metrics
+      metrics.json        train/val/test accuracy and loss, per-class accuracy, confusion matrix
+      curves.png          training curves
+      confusion.png       test (or val) confusion matrix
+      manifest.json       sha256 of every file above, checked at load
+
+The folder is built under a temporary name and moved into place, so a crash never leaves a
+half-written artifact that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tl_deploy import __version__
+from tl_deploy.errors import ArtifactError, ModelError
+from tl_deploy.fileio import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
+from tl_deploy.preprocess import PreprocessSpec
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "tl_deploy.model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that matter to reproduce or load an artifact."""
+    versions = {"tl_deploy": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("timm", "torchvision", "numpy", "onnx", "onnxruntime", "safetensors"):
+        try:
+            module = __import__(name)
+            versions[name] = str(getattr(module, "__version__", "unknown"))
+        except ImportError:
+            continue
+    return versions
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What is needed to rebuild the network before loading its weights."""
+
+    name: str  # timm model name
+    num_classes: int
+    head: str = "linear"  # classifier head kind
+    drop_rate: float = 0.2  # dropout before the classifier (training only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "head": self.head,
+                "drop_rate": self.drop_rate}
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: a ready model (eval mode) plus everything that describes it."""
+
+    path: Path
+    model: nn.Module
+    architecture: Architecture
+    class_names: list[str]
+    spec: PreprocessSpec
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""  # sha256 of manifest.json: one id for the whole artifact
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def transform(self):  # type: ignore[no-untyped-def]
+        """The eval transform: image (path, PIL, array or bytes) -> (3, H, W) float tensor."""
+        from tl_deploy.data import eval_transform
+
+        return eval_transform(self.spec)
+
+
+def build_model(arch: Architecture) -> nn.Module:
+    """An untrained network of the artifact's architecture (weights come from the artifact)."""
+    from tl_deploy.models import create_model
+
+    if arch.head != "linear":
+        raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows 'linear'.")
+    return create_model(arch.name, num_classes=arch.num_classes, weights="none", drop_rate=arch.drop_rate)
+
+
+def save_artifact(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    architecture: Architecture,
+    class_names: list[str],
+    spec: PreprocessSpec,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write the artifact folder atomically and return its path."""
+    from safetensors.torch import save_file
+
+    if len(class_names) != architecture.num_classes:
+        raise ArtifactError(
+            f"{len(class_names)} class names for a {architecture.num_classes}-class model."
+        )
+    out = Path(out_dir)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture.to_dict(),
+        "class_names": list(class_names),
+        "preprocess": spec.to_dict(),
+        "training": training,
+        "versions": package_versions(),
+        "metrics": summary,
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {"format": FORMAT, "files": {n: sha256_file(tmp / n) for n in files}}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _logger.info("wrote artifact %s", out)
+    return out
+
+
+def verify_manifest(path: Path) -> str:
+    """Check every file listed in manifest.json; return the manifest's sha256."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} has no {MANIFEST_FILE}: not a complete tl_deploy artifact.")
+    raw = manifest_path.read_bytes()
+    try:
+        files = json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"Corrupt {manifest_path}: {exc}. Re-run fine-tuning.") from exc
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"Artifact {path} is incomplete: {name} is missing.")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"Artifact file {file} was modified (sha256 {actual[:12]}..., manifest says "
+                f"{expected[:12]}...). Restore it, or pass --no-verify to load it anyway."
+            )
+    return sha256_bytes(raw)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"Model artifact folder not found: {path}. Run python -m tl_deploy.finetune first.")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(f"{path} is not a tl_deploy model artifact: {CONFIG_FILE} is missing.")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"Corrupt {config_path}: {exc}.") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ArtifactError(f"{config_path} is not a {FORMAT} config.")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} uses artifact format {config['format_version']}, newer than this tl_deploy "
+            f"understands ({FORMAT_VERSION}). Upgrade tl_deploy."
+        )
+    return config
+
+
+def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu") -> Artifact:
+    """Load an artifact folder into a ready model (eval mode) with its preprocessing."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_config(path)
+    if verify:
+        checksum = verify_manifest(path)
+    else:
+        checksum = sha256_file(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else ""
+    try:
+        arch_cfg = config["architecture"]
+        arch = Architecture(
+            name=str(arch_cfg["name"]), num_classes=int(arch_cfg["num_classes"]),
+            head=str(arch_cfg.get("head", "linear")), drop_rate=float(arch_cfg.get("drop_rate", 0.0)),
+        )
+        class_names = [str(c) for c in config["class_names"]]
+        spec = PreprocessSpec.from_dict(config["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"Invalid {path / CONFIG_FILE}: missing or bad field ({exc}).") from exc
+    model = build_model(arch)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ArtifactError(f"Artifact {path} is incomplete: {WEIGHTS_FILE} is missing.")
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ModelError, OSError) as exc:
+        raise ArtifactError(f"Weights in {weights_path} do not fit {arch.name}: {str(exc)[:300]}") from exc
+    model.to(device).eval()
+    metrics: dict[str, Any] = {}
+    if (path / METRICS_FILE).is_file():
+        metrics = json.loads((path / METRICS_FILE).read_text())
+    return Artifact(path=path, model=model, architecture=arch, class_names=class_names, spec=spec,
+                    config=config, metrics=metrics, checksum=checksum)
+
+
+def write_json_report(path: str | Path, obj: Any) -> None:
+    """Reports next to artifacts are written atomically too."""
+    atomic_write_json(path, obj)

@@ -1,0 +1,41 @@
+"""Shared CLI plumbing: one clear error line, non-zero exit, a traceback only with --verbose."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from tl_deploy.errors import TlDeployError
+
+_logger = logging.getLogger("tl_deploy")
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Library logs go to stderr as plain lines; results are printed by the CLI itself."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("PIL", "matplotlib", "urllib3", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``body(args)``; map expected failures to one ``error:`` line and an exit code."""
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
+    try:
+        return body(args)
+    except TlDeployError as exc:
+        if verbose:
+            _logger.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was kept (use --resume to continue training).",
+              file=sys.stderr)
+        return 130

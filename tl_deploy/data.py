@@ -1,0 +1,243 @@
+"""ImageFolder loading, splits, and transforms built from a ``PreprocessSpec``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tl_deploy.errors import DataError
+from tl_deploy.preprocess import (
+    IMAGE_EXTENSIONS,
+    ImageInput,
+    PreprocessSpec,
+    normalize,
+    open_image,
+    prepare,
+    resize_and_crop,
+)
+
+_logger = logging.getLogger(__name__)
+
+Sample = tuple[Path, int]
+Transform = Callable[[ImageInput], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Labelled samples per split; ``test`` may be empty."""
+
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    def get(self, split: str) -> list[Sample]:
+        if split not in ("train", "val", "test"):
+            raise DataError(f"Invalid split {split!r}. Only train, val and test exist.")
+        return list(getattr(self, split))
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def find_classes(root: Path) -> list[str]:
+    """Sorted class folder names under ``root``."""
+    if not root.is_dir():
+        raise DataError(f"Data folder not found: {root}. Pass --data pointing at an ImageFolder tree.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+    if not classes:
+        raise DataError(
+            f"No class folders in {root}: expected {root}/<class_name>/<image files>."
+        )
+    return classes
+
+
+def scan_split(root: Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """List (path, label) for one split folder; with ``class_names`` labels follow that order.
+
+    Refuses empty classes, classes unknown to ``class_names`` and files that are not images by
+    their extension, naming the offending paths.
+    """
+    found = find_classes(root)
+    if class_names is None:
+        class_names = found
+    else:
+        extra = sorted(set(found) - set(class_names))
+        if extra:
+            raise DataError(
+                f"Class folder(s) {extra} in {root} are not in the training split "
+                f"(train classes: {list(class_names)}). Add training images or remove them."
+            )
+    index = {name: i for i, name in enumerate(class_names)}
+    samples: list[Sample] = []
+    not_images: list[Path] = []
+    for name in found:
+        files = sorted(
+            p for p in (root / name).rglob("*")
+            if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts)
+        )
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        not_images.extend(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(f"Class {name!r} has no images in {root / name}. Add images or remove the folder.")
+        samples.extend((p, index[name]) for p in images)
+    if not_images:
+        shown = ", ".join(str(p) for p in not_images[:5])
+        more = f" and {len(not_images) - 5} more" if len(not_images) > 5 else ""
+        raise DataError(
+            f"{len(not_images)} non-image file(s) in {root}: {shown}{more}. "
+            f"Remove them (accepted: {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return list(class_names), samples
+
+
+def check_images(samples: Sequence[Sample]) -> None:
+    """Decode-check every image header up front, so a bad file fails now, not mid-epoch."""
+    bad: list[str] = []
+    for path, _ in samples:
+        try:
+            if path.stat().st_size == 0:
+                raise OSError("empty file")
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as exc:  # PIL raises many types for corrupt files
+            bad.append(f"{path} ({type(exc).__name__})")
+    if bad:
+        shown = "; ".join(bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} unreadable image(s): {shown}{more}. Remove or replace them.")
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split off ``fraction`` of each class (at least one image per class), seeded."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"Invalid --val-split {fraction}: choose a fraction between 0 and 1.")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    keep: list[Sample] = []
+    held: list[Sample] = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        if len(items) < 2:
+            raise DataError(
+                f"Class index {label} has {len(items)} image(s): --val-split needs at least 2 per class."
+            )
+        order = rng.permutation(len(items))
+        n_held = min(len(items) - 1, max(1, round(len(items) * fraction)))
+        held.extend(items[i] for i in order[:n_held])
+        keep.extend(items[i] for i in order[n_held:])
+    return keep, held
+
+
+def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None, seed: int = 0,
+                verify_images: bool = True) -> Splits:
+    """Read ``train/`` (+ ``val/``, optional ``test/``), or one folder split by ``val_split``."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"Data folder not found: {root}. Pass --data pointing at an ImageFolder tree.")
+    if (root / "train").is_dir():
+        class_names, train = scan_split(root / "train")
+        if (root / "val").is_dir():
+            if val_split is not None:
+                raise DataError(f"{root} already has val/; drop --val-split or remove {root / 'val'}.")
+            _, val = scan_split(root / "val", class_names)
+        elif val_split is not None:
+            train, val = stratified_split(train, val_split, seed)
+        else:
+            raise DataError(f"{root} has train/ but no val/: add val/ or pass --val-split 0.1.")
+        test: list[Sample] = []
+        if (root / "test").is_dir():
+            _, test = scan_split(root / "test", class_names)
+    else:
+        if val_split is None:
+            raise DataError(
+                f"{root} has no train/ folder. Use {root}/train/<class>/..., {root}/val/<class>/... "
+                "or pass --val-split 0.1 to split one class-folder tree."
+            )
+        class_names, samples = scan_split(root)
+        train, val = stratified_split(samples, val_split, seed)
+        test = []
+    if len(class_names) < 2:
+        raise DataError(f"Only one class ({class_names[0]!r}) in {root}: a classifier needs at least 2.")
+    missing = sorted(set(range(len(class_names))) - {label for _, label in train})
+    if missing:
+        raise DataError(f"Classes {[class_names[i] for i in missing]} have no training images.")
+    if verify_images:
+        check_images(train + val + test)
+    _logger.info("data %s: %d classes, %d train / %d val / %d test", root, len(class_names),
+                 len(train), len(val), len(test))
+    return Splits(class_names=class_names, train=train, val=val, test=test)
+
+
+def limit_per_class(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
+    """Keep at most ``k`` images per class (few-shot), chosen with a seeded shuffle."""
+    if k <= 0:
+        raise DataError(f"Invalid --limit-per-class {k}: choose a positive number of images.")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(samples))
+    counts: Counter[int] = Counter()
+    out: list[Sample] = []
+    for i in order:
+        path, label = samples[i]
+        if counts[label] < k:
+            counts[label] += 1
+            out.append((path, label))
+    return sorted(out, key=lambda s: (s[1], str(s[0])))
+
+
+def eval_transform(spec: PreprocessSpec) -> Transform:
+    """Deterministic transform: the exact preprocessing every backend applies."""
+
+    def transform(image: ImageInput) -> torch.Tensor:
+        return torch.from_numpy(prepare(image, spec))  # (3, H, W)
+
+    return transform
+
+
+def train_transform(spec: PreprocessSpec, augment: bool = True) -> Transform:
+    """Eval preprocessing plus light geometric augmentation that suits shapes and photos alike."""
+    if not augment:
+        return eval_transform(spec)
+    from torchvision.transforms import v2
+
+    aug = v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=spec.background),
+    ])
+
+    def transform(image: ImageInput) -> torch.Tensor:
+        img = resize_and_crop(open_image(image, spec.background), spec)
+        img = aug(img)
+        return torch.from_numpy(normalize(np.asarray(img, dtype=np.uint8), spec))  # (3, H, W)
+
+    return transform
+
+
+class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """(path, label) samples -> (tensor, label) through a transform."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Transform) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(path), label
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]

@@ -1,0 +1,81 @@
+"""Evaluate a model artifact on a split of an ImageFolder dataset.
+
+    python -m tl_deploy.evaluate models/animal-shape-efficientnet_lite0-lp-ft --data data/animal-shape --split test
+
+Prints accuracy, per-class accuracy and the confusion matrix, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_deploy.artifact import Artifact, load_artifact
+from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.data import ImageDataset, eval_transform, load_splits
+from tl_deploy.errors import DataError
+from tl_deploy.fileio import atomic_write_json
+from tl_deploy.reports import ClassificationResult, classification_result, format_result
+
+
+@torch.no_grad()
+def evaluate_artifact(artifact: Artifact, data: Path, split: str = "test", batch_size: int = 64,
+                      workers: int = 0) -> ClassificationResult:
+    """Accuracy of an artifact on one split; the split's classes must be the artifact's."""
+    splits = load_splits(data)
+    samples = splits.get(split)
+    if not samples:
+        raise DataError(f"{data} has no {split}/ images. Choose --split train, val or test.")
+    if splits.class_names != artifact.class_names:
+        raise DataError(
+            f"Classes of {data} ({splits.class_names}) differ from the model's ({artifact.class_names}). "
+            "Evaluate on data with the same class folders."
+        )
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(artifact.spec)),
+                                         batch_size=batch_size, num_workers=workers)
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(artifact.model(x).float())
+        labels.append(y)
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    loss = float(torch.nn.functional.cross_entropy(all_logits, all_labels))
+    return classification_result(all_labels.numpy(), all_logits.argmax(1).numpy(), len(artifact.class_names), loss)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tl_deploy.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("model_dir", type=Path, help="model artifact folder")
+    p.add_argument("--data", type=Path, help="ImageFolder root (default: the data the model was trained on)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", type=Path, help="where to write the JSON (default: MODEL_DIR/../<name>.eval-<split>.json)")
+    p.add_argument("--no-verify", action="store_true", help="skip the artifact's checksum check")
+    add_verbose(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        artifact = load_artifact(args.model_dir, verify=not args.no_verify)
+        data = args.data or Path(artifact.config.get("training", {}).get("data", ""))
+        if not str(data):
+            raise DataError("The artifact does not record its data folder: pass --data DIR.")
+        result = evaluate_artifact(artifact, Path(data), args.split, args.batch_size)
+        print(format_result(result, artifact.class_names, args.split))
+        report: dict[str, Any] = {"model": str(args.model_dir), "data": str(data), "split": args.split,
+                                  **result.to_dict(artifact.class_names)}
+        out = args.json or args.model_dir.parent / f"{args.model_dir.name}.eval-{args.split}.json"
+        atomic_write_json(out, report)
+        print(f"wrote {out}")
+        return 0
+
+    return run_cli(body, get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""Fine-tune a pretrained backbone on a target-domain ImageFolder and write a model artifact.
+
+    python -m tl_deploy.finetune                      # the embedded default: Animal-Shape, lp-ft
+    python -m tl_deploy.finetune --data DIR --strategy finetune --epochs 5
+
+Strategies (the transfer-learning literature's names):
+
+- ``linear``: frozen backbone, new head, trained on cached features (the backbone runs once).
+- ``finetune``: all layers; the backbone learns at a lower rate than the head.
+- ``lp-ft``: linear probe first, then fine-tune all layers from that head (the default).
+- ``partial --unfreeze N``: only the head and the last N backbone stages train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tl_deploy.artifact import Architecture, save_artifact
+from tl_deploy.checkpoint import Checkpointer
+from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.data import (
+    ImageDataset,
+    Sample,
+    Splits,
+    eval_transform,
+    limit_per_class,
+    load_splits,
+    train_transform,
+)
+from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
+from tl_deploy.features import cached_features, default_cache_dir
+from tl_deploy.fileio import sha256_file
+from tl_deploy.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_WEIGHTS,
+    check_model_name,
+    create_model,
+    frozen_modules,
+    set_trainable,
+)
+from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.reports import (
+    ClassificationResult,
+    classification_result,
+    confusion_png,
+    curves_png,
+    format_result,
+)
+
+_logger = logging.getLogger(__name__)
+
+STRATEGIES = ("linear", "finetune", "lp-ft", "partial")
+OPTIMIZERS = ("adamw", "sgd")
+BALANCE = ("none", "weights", "sampler")
+BN_MODES = ("frozen", "train")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+DEFAULT_DATA = Path("data/animal-shape")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a fine-tuning run; saved in the artifact's config.json."""
+
+    data: str | None = None  # ImageFolder root; None: the embedded Animal-Shape default
+    val_split: float | None = None  # split val off train/ when the data has no val/
+    model: str = DEFAULT_MODEL  # timm architecture name
+    weights: str = "embedded"  # embedded | hub | none | path to a state dict
+    strategy: str = "lp-ft"
+    unfreeze: int = 2  # backbone stages trained by `partial`
+    epochs: int = 1  # fine-tuning epochs (finetune, lp-ft, partial)
+    probe_epochs: int = 20  # head epochs on cached features (linear, lp-ft); nearly free
+    batch_size: int = 32
+    img_size: int = 112  # network input side; 28 px silhouettes gain little beyond this
+    crop_pct: float = 1.0  # resize shorter side to img_size / crop_pct, then center crop
+    interpolation: str = "bilinear"
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # head learning rate; the backbone's is lr * backbone_lr_mult
+    probe_lr: float = 1e-3
+    backbone_lr_mult: float = 0.1  # backbone learns 10x slower than the head: keeps ImageNet features
+    layer_decay: float | None = None  # layer-wise LR decay instead of backbone_lr_mult
+    warmup_epochs: float = 0.1
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    balance: str = "none"  # class-imbalance handling: loss weights or a balanced sampler
+    augment: bool = True
+    amp: str = "auto"  # auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else off
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    patience: int | None = None  # early stopping on val accuracy (epochs without improvement)
+    limit_per_class: int | None = None  # few-shot: at most K training images per class
+    workers: int | None = None  # DataLoader workers; None: 0 on small CPUs, else min(8, cores)
+    drop_rate: float = 0.2
+    bn: str = "frozen"  # frozen: BatchNorm keeps ImageNet statistics while fine-tuning (affine still trains)
+    cache_dir: str | None = None  # feature cache; None: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy
+    no_cache: bool = False
+    out: str | None = None  # artifact folder; None: models/<run-name>
+    name: str | None = None
+    resume: bool = False
+    on_bad_image: str = "fail"
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
+        if self.optimizer not in OPTIMIZERS:
+            raise TlDeployError(f"Invalid optimizer {self.optimizer!r}. Only SGD and AdamW are supported.")
+        if self.balance not in BALANCE:
+            raise TlDeployError(f"Invalid --balance {self.balance!r}. Only {', '.join(BALANCE)} are supported.")
+        if self.bn not in BN_MODES:
+            raise TlDeployError(f"Invalid --bn {self.bn!r}. Only {', '.join(BN_MODES)} are supported.")
+        if self.amp not in AMP_MODES:
+            raise TlDeployError(f"Invalid --amp {self.amp!r}. Only {', '.join(AMP_MODES)} are supported.")
+        for name in ("epochs", "probe_epochs"):
+            if getattr(self, name) < 0:
+                raise TlDeployError(f"Invalid --{name.replace('_', '-')} {getattr(self, name)}: must be >= 0.")
+        if self.strategy in ("linear", "lp-ft") and self.probe_epochs == 0:
+            raise TlDeployError(f"--strategy {self.strategy} needs --probe-epochs >= 1.")
+        if self.strategy in ("finetune", "lp-ft", "partial") and self.epochs == 0:
+            raise TlDeployError(f"--strategy {self.strategy} needs --epochs >= 1.")
+        if self.batch_size < 1 or self.img_size < 8 or not 0 < self.crop_pct <= 1:
+            raise TlDeployError(
+                f"Invalid --batch-size {self.batch_size} / --img-size {self.img_size} / --crop-pct "
+                f"{self.crop_pct}: need batch >= 1, size >= 8, 0 < crop-pct <= 1."
+            )
+        if self.lr <= 0 or self.probe_lr <= 0 or self.backbone_lr_mult < 0:
+            raise TlDeployError("Learning rates must be positive (and --backbone-lr-mult >= 0).")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise TlDeployError(f"Invalid --layer-decay {self.layer_decay}: choose a value in (0, 1].")
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.for_size(self.img_size, self.crop_pct, interpolation=self.interpolation)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: progress, history and the best weights so far."""
+
+    phase: str = "probe"
+    epoch: int = 0  # completed epochs of the current phase
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+
+
+# ----------------------------------------------------------------------------- environment
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"--device {name} asked for a GPU but CUDA is not available here "
+            f"(torch {torch.__version__}). Use --device cpu, or install a CUDA build of torch on a GPU machine."
+        )
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TlDeployError(f"Invalid --device {name!r}. Use auto, cpu, cuda or cuda:N.")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. ``auto`` only picks what is fast here."""
+    if mode == "off":
+        return None
+    if device.type == "cuda":
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if mode == "fp16":
+        raise TlDeployError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off.")
+    if mode == "bf16":
+        return torch.bfloat16
+    # Emulated bf16 on CPUs without native support (AVX512-BF16/AMX) is ~10x slower than fp32.
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    # On a small CPU the decode of small images is cheaper than a worker's share of the cores.
+    if device.type == "cpu" and cores <= 4:
+        return 0
+    return min(8, cores)
+
+
+def weights_identity(cfg: TrainConfig) -> str:
+    """A string that changes whenever the starting weights change (feature-cache key part)."""
+    if cfg.weights == "embedded" and cfg.model in EMBEDDED_WEIGHTS:
+        return f"{cfg.model}:embedded:{sha256_file(EMBEDDED_WEIGHTS[cfg.model]())}"
+    if cfg.weights == "none":
+        return f"{cfg.model}:random:{cfg.seed}"
+    if cfg.weights == "hub":
+        import timm
+
+        return f"{cfg.model}:hub:timm-{timm.__version__}"
+    return f"{cfg.model}:file:{sha256_file(cfg.weights)}"
+
+
+# ----------------------------------------------------------------------------- data
+
+def resolve_data(cfg: TrainConfig) -> Path:
+    if cfg.data is not None:
+        return Path(cfg.data)
+    from tl_deploy.datasets import prepare_animal_shape
+
+    return prepare_animal_shape(DEFAULT_DATA)
+
+
+def make_loader(samples: Sequence[Sample], transform: Any, cfg: TrainConfig, *, train: bool, epoch: int,
+                workers: int, class_weights: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+    """Loader whose shuffling depends only on (seed, epoch): resuming replays the same order."""
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    dataset = ImageDataset(samples, transform)
+    sampler: torch.utils.data.Sampler[int] | None = None
+    if train and cfg.balance == "sampler" and class_weights is not None:
+        per_sample = class_weights[torch.tensor(dataset.targets)]
+        sampler = torch.utils.data.WeightedRandomSampler(per_sample.tolist(), len(samples), generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        generator=generator, num_workers=workers, drop_last=train and len(samples) > cfg.batch_size,
+        persistent_workers=False,
+    )
+
+
+def inverse_frequency(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor([label for _, label in samples]), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))  # (C,)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(params: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(params)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to each group's LR, then cosine decay to zero, stepped per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def finetune_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Head at ``lr``; backbone at ``lr * backbone_lr_mult`` or with layer-wise decay. No weight
+    decay on biases and norm parameters."""
+    if cfg.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+        for g in groups:
+            g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+        return [g for g in groups if g["params"]]
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            buckets.setdefault((id(p) in head_ids, p.ndim <= 1), []).append(p)
+    groups = []
+    for (is_head, no_decay), params in buckets.items():
+        lr = cfg.lr if is_head else cfg.lr * cfg.backbone_lr_mult
+        groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
+    return groups
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module, device: torch.device,
+                    amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, desc: str,
+                    freeze_bn: bool = False) -> tuple[float, float]:
+    """One pass over the loader; returns (mean loss, accuracy) on the augmented training images."""
+    model.train()
+    for module in frozen_modules(model):
+        module.eval()  # frozen layers' BatchNorm keeps its running statistics
+    if freeze_bn:
+        # Batch statistics of a new domain differ from the source's; normalising with them shifts every
+        # feature the (probed) head relies on. Frozen statistics keep the features, affine params adapt.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    for x, y in bar:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        y = y.to(device, non_blocking=True)  # (B,)
+        with _autocast(device, amp):
+            logits = model(x)  # (B, C)
+            loss = criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TlDeployError(f"Training diverged (loss {loss.item()}): lower --lr or disable --amp.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return total_loss / max(1, seen), correct / max(1, seen)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                   amp: torch.dtype | None, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float32 logits and (N,) labels, eval mode."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            all_logits.append(model(x).float().cpu())
+        all_labels.append(y)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassificationResult:
+    loss = float(nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan")
+    return classification_result(labels.numpy(), logits.argmax(1).numpy(), num_classes, loss)
+
+
+def evaluate(model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, cfg: TrainConfig,
+             device: torch.device, amp: torch.dtype | None, workers: int, num_classes: int,
+             desc: str = "eval") -> ClassificationResult:
+    loader = make_loader(samples, eval_transform(spec), cfg, train=False, epoch=0, workers=workers)
+    logits, labels = predict_logits(model, loader, device, amp, desc)
+    return summarize(logits, labels, num_classes)
+
+
+# ----------------------------------------------------------------------------- phases
+
+def train_probe(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                val_y: torch.Tensor, cfg: TrainConfig, class_weights: torch.Tensor | None,
+                state: RunState) -> None:
+    """Train the head alone on cached features; keeps the head of the best val epoch."""
+    params = [{"params": [head.weight], "weight_decay": cfg.weight_decay},
+              {"params": [head.bias], "weight_decay": 0.0}]
+    for g in params:
+        g["lr"] = cfg.probe_lr
+    optimizer = build_optimizer(params, cfg)
+    steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
+    scheduler = warmup_cosine(optimizer, cfg.probe_epochs * steps_per_epoch, 0)
+    weight = class_weights if cfg.balance == "weights" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    best = {k: v.clone() for k, v in head.state_dict().items()}
+    best_acc = -1.0
+    for epoch in range(cfg.probe_epochs):
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        if cfg.balance == "sampler" and class_weights is not None:
+            order = torch.multinomial(class_weights[train_y], len(train_y), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(train_x), generator=generator)
+        head.train()
+        total, correct = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            logits = head(train_x[idx])  # (B, C)
+            loss = criterion(logits, train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == train_y[idx]).sum())
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(val_x)
+        val = summarize(val_logits, val_y, head.out_features)
+        row = {"phase": "probe", "epoch": epoch + 1, "train_loss": total / len(order),
+               "train_acc": correct / len(order), "val_loss": val.loss, "val_acc": val.accuracy}
+        state.history.append(row)
+        _log_epoch(row)
+        if val.accuracy > best_acc:
+            best_acc = val.accuracy
+            best = {k: v.clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best)
+
+
+def _log_epoch(row: dict[str, Any]) -> None:
+    extra = f"  {row['seconds']:6.1f}s" if "seconds" in row else ""
+    _logger.info("%-6s %3d  train loss %.4f acc %6.2f%%  val loss %.4f acc %6.2f%%%s", row["phase"], row["epoch"],
+                 row["train_loss"], 100 * row["train_acc"], row["val_loss"], 100 * row["val_acc"], extra)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def run_name(cfg: TrainConfig, data_dir: Path) -> str:
+    if cfg.name:
+        return cfg.name
+    return f"{data_dir.resolve().name}-{cfg.model}-{cfg.strategy}"
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not after, when the output folder cannot be written."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{out.name}.write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TlDeployError(f"Cannot write to {parent} ({exc.strerror}). Choose another --out.") from exc
+    free = shutil.disk_usage(parent).free
+    if free < 200 * 2**20:
+        raise TlDeployError(f"Only {free / 2**20:.0f} MiB free in {parent}: need at least 200 MiB.")
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Run fine-tuning end to end; returns the artifact folder."""
+    cfg.validate()
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    check_model_name(cfg.model)
+    data_dir = resolve_data(cfg)
+    out = Path(cfg.out) if cfg.out else Path("models") / run_name(cfg, data_dir)
+    check_writable(out)
+
+    splits: Splits = load_splits(data_dir, cfg.val_split, cfg.seed)
+    train_samples = splits.train
+    if cfg.limit_per_class is not None:
+        train_samples = limit_per_class(train_samples, cfg.limit_per_class, cfg.seed)
+    num_classes = len(splits.class_names)
+    spec = cfg.spec()
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    class_weights = inverse_frequency(train_samples, num_classes)
+    _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", device,
+                 amp or "off", workers, num_classes, len(train_samples), len(splits.val), len(splits.test))
+
+    model = create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits))
+    state = RunState()
+    resumed = False
+    if cfg.resume:
+        loaded = ckpt.load()
+        if loaded is None:
+            _logger.info("no checkpoint for %s yet: starting from the beginning", out)
+        else:
+            model.load_state_dict(loaded["model"])
+            state = RunState(**loaded["run_state"])
+            resumed = True
+            _logger.info("resumed %s: phase %s, %d epochs done", out, state.phase, state.epoch)
+
+    if cfg.strategy in ("linear", "lp-ft") and not (resumed and state.phase == "finetune"):
+        cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        model_id = weights_identity(cfg)
+        feats = {name: cached_features(model, model_id, samples, spec, device=device, cache_dir=cache_dir,
+                                       batch_size=max(cfg.batch_size, 128), workers=workers, desc=f"{name} features")
+                 for name, samples in (("train", train_samples), ("val", splits.val))}
+        labels = {name: torch.tensor([lbl for _, lbl in s])
+                  for name, s in (("train", train_samples), ("val", splits.val))}
+        head = model.get_classifier()  # type: ignore[operator]
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"{cfg.model}'s classifier is {type(head).__name__}, not Linear: use --strategy finetune.")
+        head.float().cpu()
+        train_probe(head, feats["train"], labels["train"], feats["val"], labels["val"], cfg, class_weights, state)
+        head.to(device)
+        state.phase, state.epoch = "finetune", 0
+        ckpt.save(model, None, None, state)
+
+    if cfg.strategy in ("finetune", "lp-ft", "partial"):
+        run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
+                     resumed)
+
+    model.eval()
+    eval_split = "test" if splits.test else "val"
+    result = evaluate(model, splits.get(eval_split), spec, cfg, device, amp=None, workers=workers,
+                      num_classes=num_classes, desc=f"{eval_split} eval")
+    val_result = evaluate(model, splits.val, spec, cfg, device, amp=None, workers=workers,
+                          num_classes=num_classes, desc="val eval")
+    elapsed = time.perf_counter() - start
+    last_train: dict[str, Any] = state.history[-1] if state.history else {}
+    metrics: dict[str, Any] = {
+        "eval_split": eval_split,
+        f"{eval_split}_acc": result.accuracy,
+        f"{eval_split}_loss": result.loss,
+        "val_acc": val_result.accuracy,
+        "val_loss": val_result.loss,
+        "train_acc": last_train.get("train_acc", float("nan")),
+        "train_loss": last_train.get("train_loss", float("nan")),
+        "train_seconds": round(elapsed, 1),
+        "splits": {eval_split: result.to_dict(splits.class_names), "val": val_result.to_dict(splits.class_names)},
+        "history": state.history,
+    }
+    training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
+                "workers_used": workers, "train_images": len(train_samples), "val_images": len(splits.val),
+                "test_images": len(splits.test)}
+    extra = {"curves.png": curves_png(state.history),
+             "confusion.png": confusion_png(result.confusion, splits.class_names, f"{eval_split} confusion")}
+    model.cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    arch = Architecture(name=cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
+    path = save_artifact(out, model, architecture=arch, class_names=splits.class_names, spec=spec,
+                         training=training, metrics=metrics, extra_files=extra)
+    ckpt.clear()
+    print(format_result(result, splits.class_names, eval_split))
+    print(f"{eval_split} accuracy {result.accuracy * 100:.2f}% | val {val_result.accuracy * 100:.2f}% | "
+          f"{elapsed:.0f}s | artifact {path}")
+    return path
+
+
+def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_samples: list[Sample],
+                 spec: PreprocessSpec, device: torch.device, amp: torch.dtype | None, workers: int,
+                 class_weights: torch.Tensor, state: RunState, ckpt: Checkpointer, resumed: bool) -> None:
+    """Train the unfrozen layers for ``cfg.epochs`` with warm-up + cosine; keep the best val epoch."""
+    set_trainable(model, cfg.unfreeze if cfg.strategy == "partial" else None)
+    optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
+    steps_per_epoch = len(make_loader(train_samples, None, cfg, train=True, epoch=0, workers=0))
+    total = cfg.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, total, int(cfg.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    weight = class_weights.to(device) if cfg.balance == "weights" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    best_state: dict[str, torch.Tensor] | None = None
+    if resumed and state.phase == "finetune" and state.epoch > 0:
+        loaded = ckpt.load()
+        assert loaded is not None  # resumed implies a checkpoint was read
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        best_state = loaded.get("best")
+    transform = train_transform(spec, cfg.augment)
+    start_epoch = state.epoch if state.phase == "finetune" else 0
+    state.phase = "finetune"
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + 7919 * (epoch + 1))  # augmentation + dropout per epoch
+        t0 = time.perf_counter()
+        loader = make_loader(train_samples, transform, cfg, train=True, epoch=epoch, workers=workers,
+                             class_weights=class_weights)
+        train_loss, train_acc = train_one_epoch(model, loader, optimizer, scheduler, criterion, device, amp, scaler,
+                                                desc=f"epoch {epoch + 1}/{cfg.epochs}", freeze_bn=cfg.bn == "frozen")
+        val = evaluate(model, splits.val, spec, cfg, device, amp, workers, len(splits.class_names), desc="val")
+        row = {"phase": "finetune", "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.perf_counter() - t0, 1),
+               "lr": max(g["lr"] for g in optimizer.param_groups)}
+        state.history.append(row)
+        _log_epoch(row)
+        state.epoch = epoch + 1
+        if val.accuracy > state.best_acc:
+            state.best_acc, state.best_epoch, state.stale_epochs = val.accuracy, epoch + 1, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state.stale_epochs += 1
+        ckpt.save(model, optimizer, scheduler, state, best=best_state)
+        if cfg.patience is not None and state.stale_epochs >= cfg.patience:
+            _logger.info("early stop: val accuracy has not improved for %d epochs", cfg.patience)
+            break
+    if best_state is not None and state.best_epoch != state.epoch:
+        _logger.info("restoring the best val epoch (%d, val acc %.2f%%)", state.best_epoch, 100 * state.best_acc)
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _fingerprint(cfg: TrainConfig, splits: Splits) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device", "cache_dir", "no_cache")}
+    return {"config": keep, "classes": splits.class_names, "train": len(splits.train), "val": len(splits.val)}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m tl_deploy.finetune",
+        description="Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
+                    "With no --data, runs the embedded default (Animal-Shape).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="ImageFolder root with train/ and val/ (optional test/), or one class-folder "
+                                  "tree with --val-split (default: embedded Animal-Shape)")
+    g.add_argument("--val-split", type=float, help="fraction of train/ held out for validation when there is no val/")
+    g.add_argument("--limit-per-class", type=int, metavar="K", help="few-shot: at most K training images per class")
+    g.add_argument("--balance", choices=BALANCE, default=d.balance, help="class-imbalance handling")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="disable training augmentation")
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 on small CPUs, else min(8, cores))")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="timm architecture name")
+    g.add_argument("--weights", default=d.weights,
+                   help="starting weights: embedded (shipped ImageNet weights), hub (download), none, or a file path")
+    g.add_argument("--pretrained", action="store_true", help="same as --weights hub")
+    g.add_argument("--img-size", type=int, default=d.img_size, help="network input side in pixels")
+    g.add_argument("--crop-pct", type=float, default=d.crop_pct, help="center-crop fraction at eval")
+    g.add_argument("--interpolation", default=d.interpolation, help="resize filter")
+    g.add_argument("--drop-rate", type=float, default=d.drop_rate, help="dropout before the classifier")
+    g.add_argument("--bn", choices=BN_MODES, default=d.bn, help="BatchNorm statistics while fine-tuning")
+    g = p.add_argument_group("strategy and schedule")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy, help="transfer strategy")
+    g.add_argument("--unfreeze", type=int, default=d.unfreeze, metavar="N", help="partial: train the last N stages")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs")
+    g.add_argument("--probe-epochs", type=int, default=d.probe_epochs, help="linear-probe epochs (cached features)")
+    g.add_argument("--batch-size", "-b", type=int, default=d.batch_size)
+    g.add_argument("--opt", dest="optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="head learning rate when fine-tuning")
+    g.add_argument("--probe-lr", type=float, default=d.probe_lr, help="learning rate of the linear probe")
+    g.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult, help="backbone LR = lr * this")
+    g.add_argument("--layer-decay", type=float, help="layer-wise LR decay (replaces --backbone-lr-mult)")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--weight-decay", "--wd", type=float, default=d.weight_decay)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
+    g = p.add_argument_group("run")
+    g.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="mixed precision")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    g.add_argument("--out", help="artifact folder (default: models/<run-name>)")
+    g.add_argument("--name", help="run name (default: <data>-<model>-<strategy>)")
+    g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    add_verbose(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if args.pretrained:
+        if args.weights not in ("embedded", "hub"):
+            raise TlDeployError("--pretrained and --weights PATH/none contradict each other: pass only one.")
+        values["weights"] = "hub"
+    return TrainConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def body(a: argparse.Namespace) -> int:
+        fit(config_from_args(a))
+        return 0
+
+    return run_cli(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

