@@ -105,6 +105,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     """Load backbone weights; the classifier is skipped when its shape differs (new head)."""
     own = model.state_dict()
     classifier_keys = _classifier_keys(model)
+    reset_head(model)  # replaced below when the weights carry a head of the right size
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if not (set(state) & set(own)):
         # Same architecture under other key names (e.g. EfficientNet-PyTorch): map by position.
@@ -129,6 +130,15 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
             f"(first: {missing[0]}). Check --model matches the weights."
         )
     model.load_state_dict(filtered, strict=False)
+
+
+def reset_head(model: nn.Module) -> None:
+    """Small init for a new head on pretrained features (timm's Google-style init is large for a
+    1280-wide input and costs the probe many epochs to unlearn)."""
+    head = model.get_classifier()  # type: ignore[operator]
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:
@@ -156,6 +166,8 @@ def create_model(
     if weights == "hub":
         try:
             model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+            if num_classes != model.pretrained_cfg.get("num_classes"):  # type: ignore[union-attr,operator]
+                reset_head(model)
         except Exception as exc:
             raise ModelError(
                 f"Could not download pretrained weights for {name!r} ({type(exc).__name__}). "
