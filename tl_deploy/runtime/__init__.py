@@ -1,0 +1,174 @@
+"""Load any tl_deploy model and classify images with it: ``load(path, backend="auto")``.
+
+``path`` may be a model artifact folder (torch backend), an export folder (the best file in it is
+picked), or a single ``.onnx`` / ``.engine`` file. Backends are imported lazily, so the onnxruntime
+path never imports torch: edge code needs only ``numpy pillow onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployError
+from tl_deploy.export.metadata import FLOAT_NCHW
+from tl_deploy.runtime.base import Classifier, Prediction, Runner, softmax
+
+__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "load", "softmax"]
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+EXPORT_MANIFEST = "export.json"
+ARTIFACT_CONFIG = "config.json"
+
+
+def tensorrt_available() -> bool:
+    """True when TensorRT, cuda-python and a CUDA GPU are all present."""
+    from tl_deploy.export.tensorrt import require_tensorrt
+
+    try:
+        require_tensorrt()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def ort_gpu_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, precision: str,
+                       tensorrt_ok: bool, ort_gpu: bool) -> tuple[Mapping[str, Any], str]:
+    """Pick the file of an export folder to load, and say why (pure).
+
+    ``auto`` means fastest: a TensorRT engine when TensorRT works here (INT8 > FP16 > FP32), else
+    onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. Baked-preprocess
+    files are never picked (load them by path).
+    """
+    if backend not in BACKENDS:
+        raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
+    if precision not in PRECISIONS:
+        raise TlDeployError(f"Invalid precision {precision!r}. Only {', '.join(PRECISIONS)} exist.")
+    usable = [f for f in files if f.get("status") == "ok" and f.get("input_layout", FLOAT_NCHW) == FLOAT_NCHW]
+    engines = [f for f in usable if f.get("kind") == "engine"]
+    onnx_files = [f for f in usable if f.get("kind") == "onnx"]
+    if backend == "torch":
+        raise ArtifactError("An export folder holds no PyTorch model: load the model artifact folder for torch.")
+
+    def by_precision(cands: list[Mapping[str, Any]], order: Sequence[str]) -> Mapping[str, Any] | None:
+        for want in order:
+            for cand in cands:
+                if cand.get("precision") == want:
+                    return cand
+        return None
+
+    if backend in ("auto", "tensorrt") and engines and tensorrt_ok:
+        order = ("int8", "fp16", "fp32") if precision == "auto" else (precision,)
+        chosen = by_precision(engines, order)
+        if chosen is not None:
+            return chosen, "TensorRT is available and the folder has an engine"
+    if backend == "tensorrt":
+        if not tensorrt_ok:
+            raise BackendUnavailableError("backend='tensorrt' asked for but TensorRT/CUDA is not usable here.")
+        raise ArtifactError(f"No {precision} TensorRT engine in this export folder: export it with --trt.")
+    why = "TensorRT not usable here" if engines and not tensorrt_ok else "no engine in the folder" \
+        if not engines else "no engine of that precision"
+    # On CPU the CPU-tuned INT8 file is the fastest; CUDA runs the float graph (or the QDQ file).
+    cpu_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") == "cpu"]
+    qdq_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") != "cpu"]
+    fp32 = [f for f in onnx_files if f.get("precision") == "fp32"]
+    if precision == "auto":
+        ranked = fp32 + cpu_int8 if ort_gpu else cpu_int8 + fp32
+    elif precision == "int8":
+        ranked = qdq_int8 + cpu_int8 if ort_gpu else cpu_int8 + qdq_int8
+    elif precision == "fp32":
+        ranked = fp32
+    else:
+        ranked = []
+    if not ranked:
+        raise ArtifactError(f"No {precision} ONNX file usable by onnxruntime in this export folder.")
+    return ranked[0], f"onnxruntime ({why})"
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"Corrupt {folder / EXPORT_MANIFEST}: {exc}. Re-run the export.") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise ArtifactError(f"{folder / EXPORT_MANIFEST} is not a tl_deploy export manifest. Re-run the export.")
+    return manifest
+
+
+def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str = "auto",
+         providers: Sequence[str] | None = None, threads: int | None = None,
+         device: str | None = None, verify: bool = True) -> Classifier:
+    """Load a classifier; ``.backend_name`` and ``.precision`` say what was picked (also logged).
+
+    ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
+    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: torch device.
+    ``verify``: check the artifact's checksums (torch).
+    """
+    if backend not in BACKENDS:
+        raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
+    path = Path(path)
+    if path.is_file():
+        classifier = _load_file(path, backend, providers=providers, threads=threads)
+    elif (path / ARTIFACT_CONFIG).is_file():
+        if backend not in ("auto", "torch"):
+            raise ArtifactError(
+                f"{path} is a model artifact, which only the torch backend runs: export it first with "
+                f"python -m tl_deploy.export {path}, then load the export folder or its .onnx file."
+            )
+        from tl_deploy.runtime.torch_backend import load_torch
+
+        classifier = load_torch(path, device=device, verify=verify)
+    elif (path / EXPORT_MANIFEST).is_file():
+        files = _read_manifest(path)["files"]
+        wants_trt = backend in ("auto", "tensorrt") and any(f.get("kind") == "engine" for f in files)
+        entry, reason = choose_export_file(files, backend=backend, precision=precision,
+                                           tensorrt_ok=wants_trt and tensorrt_available(),
+                                           ort_gpu=ort_gpu_available())
+        _logger.info("export folder %s: picked %s (%s)", path, entry["file"], reason)
+        classifier = _load_file(path / str(entry["file"]), "auto", providers=providers, threads=threads)
+    elif path.exists():
+        raise ArtifactError(
+            f"{path} is neither a model artifact (no {ARTIFACT_CONFIG}) nor an export folder "
+            f"(no {EXPORT_MANIFEST}), nor an .onnx/.engine file."
+        )
+    else:
+        raise ArtifactError(f"Model not found: {path}.")
+    _logger.info("loaded %s with backend=%s precision=%s device=%s", classifier.source,
+                 classifier.backend_name, classifier.precision, classifier.device)
+    return classifier
+
+
+def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
+               threads: int | None) -> Classifier:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        if backend not in ("auto", "onnxruntime"):
+            raise ArtifactError(
+                f"{path.name} is an ONNX file: load it with backend='onnxruntime' (or build an engine "
+                "with python -m tl_deploy.export MODEL_DIR --trt for backend='tensorrt')."
+            )
+        from tl_deploy.runtime.onnxruntime_backend import load_onnx
+
+        return load_onnx(path, providers=providers, threads=threads)
+    if suffix in (".engine", ".plan"):
+        if backend not in ("auto", "tensorrt"):
+            raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")
+        from tl_deploy.runtime.tensorrt_backend import load_engine
+
+        return load_engine(path)
+    raise ArtifactError(f"Unknown model file type {path.name!r}: expected .onnx or .engine.")

@@ -1,0 +1,169 @@
+"""One small interface for every backend (after Polygraphy's runners) and the classifier on top.
+
+A ``Runner`` turns a batch in the graph's native layout into logits; it knows nothing about images.
+A ``Classifier`` owns a runner plus the model's metadata and does the artifact's own preprocessing
+(``tl_deploy.preprocess``), so every backend sees exactly the same input. numpy + Pillow only.
+
+Thread safety: ``Classifier.predict``/``infer`` may be called from several threads when
+``runner.thread_safe`` is true (onnxruntime: ``InferenceSession.run`` is thread-safe; torch: eval
+mode under ``inference_mode``, no state is mutated). The TensorRT runner owns one execution context
+and CUDA buffers, so it serialises calls with a lock (correct, not parallel): create one classifier
+per thread to run engines concurrently.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple, Union
+
+import numpy as np
+
+from tl_deploy.errors import DataError
+from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata
+from tl_deploy.preprocess import ImageInput, denormalize, prepare, prepare_uint8
+
+_logger = logging.getLogger(__name__)
+
+Images = Union[ImageInput, Sequence[ImageInput]]
+DEFAULT_CHUNK = 64  # images per runner call when the backend sets no limit
+
+
+class Runner(abc.ABC):
+    """Runs one model on one backend: native input batch -> float32 logits (N, num_classes)."""
+
+    backend_name: str = "runner"  # "torch", "onnxruntime", "tensorrt"
+    precision: str = "fp32"  # "fp32", "fp16" or "int8"
+    input_layout: str = FLOAT_NCHW  # float32_nchw or uint8_nhwc
+    thread_safe: bool = True  # may infer() be called concurrently?
+    max_batch: int | None = None  # largest batch one call accepts (None: any)
+    device: str = "cpu"  # where it runs, for humans ("cpu", "cuda:0", ...)
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 or (N, H, W, 3) uint8 -> (N, C) float32 logits."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most runners hold nothing to release)
+        """Release sessions, contexts and device buffers."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend_name}, {self.precision}, {self.device})"
+
+
+class Prediction(NamedTuple):
+    """Top-k labels and probabilities for each image: ``labels[i][j]`` goes with ``probabilities[i, j]``."""
+
+    labels: list[list[str]]  # (N, k) class names, most likely first
+    probabilities: np.ndarray  # (N, k) float32 softmax probabilities
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stability, returned as float32."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)  # (N, C)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _as_list(images: Images) -> list[ImageInput]:
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]  # (N, H, W, C) is a batch of images
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]  # type: ignore[list-item]
+
+
+class Classifier:
+    """An image classifier on any backend, with the artifact's preprocessing and class names."""
+
+    def __init__(self, runner: Runner, metadata: OnnxMetadata, source: Path) -> None:
+        if runner.input_layout != metadata.input_layout:
+            raise DataError(
+                f"Runner expects {runner.input_layout} but the metadata says {metadata.input_layout}."
+            )
+        self.runner = runner
+        self.metadata = metadata
+        self.source = source  # the file or folder the model was loaded from
+
+    # The facts callers usually want, flat.
+    @property
+    def backend_name(self) -> str:
+        return self.runner.backend_name
+
+    @property
+    def precision(self) -> str:
+        return self.runner.precision
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    @property
+    def thread_safe(self) -> bool:
+        return self.runner.thread_safe
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata.class_names)
+
+    @property
+    def spec(self):  # type: ignore[no-untyped-def]
+        return self.metadata.spec
+
+    def __repr__(self) -> str:
+        return (f"Classifier({self.source}, backend={self.backend_name}, precision={self.precision}, "
+                f"device={self.device}, classes={len(self.class_names)})")
+
+    def preprocess(self, images: Images) -> np.ndarray:
+        """Images -> the runner's native batch: (N, 3, H, W) float32 or (N, H, W, 3) uint8."""
+        items = _as_list(images)
+        if not items:
+            raise DataError("No images given: pass a path, PIL image, array, or a list of them.")
+        convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
+        return np.stack([convert(item, self.metadata.spec) for item in items])
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32, preprocessed like ``preprocess.prepare`` -> (N, C) float32 logits.
+
+        For a baked-preprocess graph the batch is turned back into uint8 pixels first (exact for
+        inputs that came from ``prepare``).
+        """
+        size = self.metadata.spec.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or batch.dtype != np.float32:
+            raise DataError(
+                f"infer() takes a (N, 3, {size}, {size}) float32 batch, got {batch.shape} {batch.dtype}."
+            )
+        if self.runner.input_layout == UINT8_NHWC:
+            batch = np.stack([denormalize(x, self.metadata.spec) for x in batch])  # (N, H, W, 3)
+        return self._run(batch)
+
+    def _run(self, native: np.ndarray) -> np.ndarray:
+        chunk = self.runner.max_batch or DEFAULT_CHUNK
+        if len(native) <= chunk:
+            return self.runner.infer(np.ascontiguousarray(native))
+        return np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
+                               for i in range(0, len(native), chunk)])
+
+    def predict_proba(self, images: Images) -> np.ndarray:
+        """Images -> (N, C) class probabilities."""
+        return softmax(self._run(self.preprocess(images)))
+
+    def predict(self, images: Images, top_k: int = 1) -> Prediction:
+        """Top-k labels and probabilities for one image or a list of images (always batch-shaped)."""
+        num_classes = len(self.metadata.class_names)
+        if not 1 <= top_k <= num_classes:
+            raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
+        probs = self.predict_proba(images)  # (N, C)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
+        labels = [[self.metadata.class_names[j] for j in row] for row in order]
+        return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""Native TensorRT backend: a deserialized engine, CUDA buffers, dynamic batch within its profile.
+
+The engine's sidecar is checked first (TensorRT version, GPU, sha256), so a foreign or modified
+engine is refused with a message saying how to rebuild, instead of failing deep inside TensorRT.
+One execution context and one set of device buffers per runner; calls are serialised with a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tl_deploy.errors import ArtifactError, DataError
+from tl_deploy.export.tensorrt import (
+    check_sidecar,
+    cuda_check,
+    current_environment,
+    import_cudart,
+    read_sidecar,
+    require_tensorrt,
+)
+from tl_deploy.fileio import sha256_file
+from tl_deploy.runtime.base import Classifier, Runner
+
+_logger = logging.getLogger(__name__)
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine. Not parallel: one context per runner, calls serialised by a lock."""
+
+    backend_name = "tensorrt"
+    thread_safe = True  # safe through the lock; use one runner per thread for concurrency
+
+    def __init__(self, engine_path: str | Path) -> None:
+        require_tensorrt()
+        import tensorrt as trt  # typed by tensorrt-stubs
+
+        self._cudart = cudart = import_cudart()
+        path = Path(engine_path)
+        if not path.is_file():
+            raise ArtifactError(f"Engine file not found: {path}.")
+        metadata = check_sidecar(read_sidecar(path), current_environment(), engine_sha256=sha256_file(path),
+                                 engine_name=str(path))
+        self.metadata = metadata
+        self.precision = str(read_sidecar(path)["precision"])
+        self.input_layout = metadata.input_layout
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise ArtifactError(
+                f"TensorRT could not deserialize {path} although its sidecar matches this machine; "
+                "rebuild it with python -m tl_deploy.export MODEL_DIR --trt."
+            )
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ArtifactError(f"{path} has inputs {inputs} and outputs {outputs}; expected one of each.")
+        self._input, self._output = inputs[0], outputs[0]
+        low, _opt, high = engine.get_tensor_profile_shape(self._input, 0)
+        self.min_batch, self.profile_max = int(low[0]), int(high[0])
+        self.max_batch = self.profile_max
+        self._in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._input)))
+        self._out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._output)))
+        in_shape = (self.profile_max, *high[1:])  # Dims[slice] -> tuple
+        num_classes = len(metadata.class_names)
+        self._in_bytes = int(np.prod(in_shape)) * self._in_dtype.itemsize
+        self._out_bytes = self.profile_max * num_classes * self._out_dtype.itemsize
+        self._d_in = cuda_check(cudart.cudaMalloc(self._in_bytes))
+        self._d_out = cuda_check(cudart.cudaMalloc(self._out_bytes))
+        self._stream = cuda_check(cudart.cudaStreamCreate())
+        self._context.set_tensor_address(self._input, int(self._d_in))
+        self._context.set_tensor_address(self._output, int(self._d_out))
+        props = cuda_check(cudart.cudaGetDeviceProperties(0))
+        self.device = f"cuda:0 ({props.name.decode(errors='replace') if isinstance(props.name, bytes) else props.name})"
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        n = int(batch.shape[0])
+        if n < self.min_batch:  # pad up to the profile's minimum, then drop the padding
+            pad = np.repeat(batch[-1:], self.min_batch - n, axis=0)
+            return self.infer(np.concatenate([batch, pad]))[:n]
+        if n > self.profile_max:
+            raise DataError(f"Batch {n} is over the engine's profile maximum {self.profile_max}.")
+        cudart = self._cudart
+        host_in = np.ascontiguousarray(batch, dtype=self._in_dtype)
+        with self._lock:
+            if self._closed:
+                raise ArtifactError("This TensorRT runner was closed.")
+            if not self._context.set_input_shape(self._input, host_in.shape):
+                raise DataError(f"Engine refused input shape {host_in.shape}.")
+            out_shape: tuple[int, ...] = self._context.get_tensor_shape(self._output)[:]
+            host_out = np.empty(out_shape, dtype=self._out_dtype)
+            h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            cuda_check(cudart.cudaMemcpyAsync(self._d_in, host_in.ctypes.data, host_in.nbytes, h2d, self._stream))
+            if not self._context.execute_async_v3(int(self._stream)):
+                raise ArtifactError("TensorRT execute_async_v3 failed; see the TensorRT log.")
+            cuda_check(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._d_out, host_out.nbytes, d2h, self._stream))
+            cuda_check(cudart.cudaStreamSynchronize(self._stream))
+        return host_out.astype(np.float32)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cudart: Any = self._cudart
+            cudart.cudaFree(self._d_in)
+            cudart.cudaFree(self._d_out)
+            cudart.cudaStreamDestroy(self._stream)
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: CUDA may already be gone
+                pass
+
+
+def load_engine(path: Path) -> Classifier:
+    """A ``.engine`` file (with its sidecar) -> classifier on native TensorRT."""
+    runner = TensorRTRunner(path)
+    _logger.info("tensorrt: %s (%s) on %s", path.name, runner.precision, runner.device)
+    return Classifier(runner, runner.metadata, path)
