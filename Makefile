@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml
 data: $(STAMP)
 	$(PY) -m tl_deploy.datasets animal-shape --out data/animal-shape
 
+RUN := animal-shape-efficientnet_lite0-lp-ft
+
 demo: data
 	$(PY) -m tl_deploy.finetune
+	$(PY) -m tl_deploy.export models/$(RUN) --int8
 
 lint: $(STAMP)
-	$(PY) -m ruff check tl_deploy tests bench app
+	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
 	$(PY) -m mypy tl_deploy

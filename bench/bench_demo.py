@@ -25,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--keep-cache", action="store_true",
                    help="reuse the feature cache (default: a fresh cache, as on a new machine)")
+    p.add_argument("--out", type=Path, help="keep the artifact here (default: a temporary folder)")
     p.add_argument("extra", nargs="*", help="extra arguments for tl_deploy.finetune")
     args = p.parse_args()
     subprocess.run([sys.executable, "-m", "tl_deploy.datasets", "animal-shape", "--out", "data/animal-shape"],
@@ -33,7 +34,7 @@ def main() -> None:
         env = dict(os.environ)
         if not args.keep_cache:
             env["TL_DEPLOY_CACHE"] = str(Path(tmp) / "cache")
-        out = Path(tmp) / "run"
+        out = args.out or Path(tmp) / "run"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "tl_deploy.finetune", "--out", str(out), *args.extra],
                        check=True, env=env)

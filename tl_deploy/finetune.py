@@ -92,7 +92,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 1e-3  # head learning rate; the backbone's is lr * backbone_lr_mult
     probe_lr: float = 1e-3
-    backbone_lr_mult: float = 0.1  # backbone learns 10x slower than the head: keeps ImageNet features
+    backbone_lr_mult: float = 0.3  # backbone at 0.3x the head LR: best of 0.1, 0.3, 1.0 on Animal-Shape
     layer_decay: float | None = None  # layer-wise LR decay instead of backbone_lr_mult
     warmup_epochs: float = 0.1
     weight_decay: float = 0.01
