@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck data clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# Type stubs only; --no-deps because their metadata pulls in TensorRT itself.
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 data: $(STAMP)

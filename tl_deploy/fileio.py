@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+CACHE_ENV = "TL_DEPLOY_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$TL_DEPLOY_CACHE`` if set, else ``~/.cache/tl_deploy`` (downloads, feature cache)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_deploy"
 
 
 def _umask() -> int:

@@ -44,8 +44,8 @@ from tl_deploy.data import (
     train_transform,
 )
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
-from tl_deploy.features import cached_features, default_cache_dir
-from tl_deploy.fileio import sha256_file
+from tl_deploy.features import cached_features
+from tl_deploy.fileio import default_cache_dir, sha256_file
 from tl_deploy.models import (
     DEFAULT_MODEL,
     EMBEDDED_WEIGHTS,
