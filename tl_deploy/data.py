@@ -83,7 +83,7 @@ def scan_split(root: Path, class_names: Sequence[str] | None = None) -> tuple[li
     for name in found:
         files = sorted(
             p for p in (root / name).rglob("*")
-            if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         not_images.extend(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)

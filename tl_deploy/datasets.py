@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tl_deploy.errors import DataError, TlDeployError
+from tl_deploy.cli import run_cli
+from tl_deploy.errors import DataError
 from tl_deploy.fileio import CACHE_ENV, atomic_dir, atomic_write_json, default_cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -574,11 +575,7 @@ def _summary(out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
-    try:
+    def body(args: argparse.Namespace) -> int:
         prepare = DATASETS.get(args.dataset)
         if prepare is None:
             raise DataError(
@@ -591,14 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             out, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
             wheel=args.wheel, cache_dir=args.cache_dir, force=args.force,
         )
-    except TlDeployError as exc:
-        if args.verbose:
-            logger.exception("failed")
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(_summary(path))
-    print(f"done in {time.perf_counter() - start:.1f}s")
-    return 0
+        print(_summary(path))
+        print(f"done in {time.perf_counter() - start:.1f}s")
+        return 0
+
+    return run_cli(body, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from tl_deploy.cli import add_verbose, run_cli
 from tl_deploy.data import ImageDataset, eval_transform, load_splits
 from tl_deploy.errors import DataError
 from tl_deploy.fileio import atomic_write_json
-from tl_deploy.reports import ClassificationResult, classification_result, format_result
+from tl_deploy.finetune import predict_logits, summarize
+from tl_deploy.reports import ClassificationResult, format_result
 
 
-@torch.no_grad()
 def evaluate_artifact(artifact: Artifact, data: Path, split: str = "test", batch_size: int = 64,
                       workers: int = 0) -> ClassificationResult:
     """Accuracy of an artifact on one split; the split's classes must be the artifact's."""
@@ -38,13 +38,8 @@ def evaluate_artifact(artifact: Artifact, data: Path, split: str = "test", batch
         )
     loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(artifact.spec)),
                                          batch_size=batch_size, num_workers=workers)
-    logits, labels = [], []
-    for x, y in loader:
-        logits.append(artifact.model(x).float())
-        labels.append(y)
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    loss = float(torch.nn.functional.cross_entropy(all_logits, all_labels))
-    return classification_result(all_labels.numpy(), all_logits.argmax(1).numpy(), len(artifact.class_names), loss)
+    logits, labels = predict_logits(artifact.model, loader, torch.device("cpu"), amp=None, desc=f"{split} eval")
+    return summarize(logits, labels, len(artifact.class_names))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

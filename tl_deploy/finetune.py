@@ -483,18 +483,16 @@ def fit(cfg: TrainConfig) -> Path:
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits))
     state = RunState()
-    resumed = False
+    loaded: dict[str, Any] | None = ckpt.load() if cfg.resume else None
     if cfg.resume:
-        loaded = ckpt.load()
         if loaded is None:
             _logger.info("no checkpoint for %s yet: starting from the beginning", out)
         else:
             model.load_state_dict(loaded["model"])
             state = RunState(**loaded["run_state"])
-            resumed = True
             _logger.info("resumed %s: phase %s, %d epochs done", out, state.phase, state.epoch)
 
-    if cfg.strategy in ("linear", "lp-ft") and not (resumed and state.phase == "finetune"):
+    if cfg.strategy in ("linear", "lp-ft") and not (loaded is not None and state.phase == "finetune"):
         cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         model_id = weights_identity(cfg)
         feats = {name: cached_features(model, model_id, samples, spec, device=device, cache_dir=cache_dir,
@@ -513,7 +511,7 @@ def fit(cfg: TrainConfig) -> Path:
 
     if cfg.strategy in ("finetune", "lp-ft", "partial"):
         run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
-                     resumed)
+                     loaded)
 
     model.eval()
     eval_split = "test" if splits.test else "val"
@@ -553,7 +551,8 @@ def fit(cfg: TrainConfig) -> Path:
 
 def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_samples: list[Sample],
                  spec: PreprocessSpec, device: torch.device, amp: torch.dtype | None, workers: int,
-                 class_weights: torch.Tensor, state: RunState, ckpt: Checkpointer, resumed: bool) -> None:
+                 class_weights: torch.Tensor, state: RunState, ckpt: Checkpointer,
+                 resumed_from: dict[str, Any] | None) -> None:
     """Train the unfrozen layers for ``cfg.epochs`` with warm-up + cosine; keep the best val epoch."""
     set_trainable(model, cfg.unfreeze if cfg.strategy == "partial" else None)
     optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
@@ -564,12 +563,10 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
     weight = class_weights.to(device) if cfg.balance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     best_state: dict[str, torch.Tensor] | None = None
-    if resumed and state.phase == "finetune" and state.epoch > 0:
-        loaded = ckpt.load()
-        assert loaded is not None  # resumed implies a checkpoint was read
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
-        best_state = loaded.get("best")
+    if resumed_from is not None and state.phase == "finetune" and state.epoch > 0:
+        optimizer.load_state_dict(resumed_from["optimizer"])
+        scheduler.load_state_dict(resumed_from["scheduler"])
+        best_state = resumed_from.get("best")
     transform = train_transform(spec, cfg.augment)
     start_epoch = state.epoch if state.phase == "finetune" else 0
     state.phase = "finetune"
