@@ -90,6 +90,22 @@ def test_lp_ft_and_partial_run(tiny_data: Path, tmp_path: Path) -> None:
         assert phases == ({"probe", "finetune"} if strategy == "lp-ft" else {"finetune"})
 
 
+def test_frozen_stage_cache_matches_running_every_layer(tiny_data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "cached", strategy="lp-ft", epochs=2, unfreeze=2, deterministic=True)
+    cached = fit(cfg)
+    monkeypatch.setattr(finetune, "ACTIVATION_CACHE_MAX_BYTES", 0)  # forces the every-layer path
+    full = fit(replace(cfg, out=str(tmp_path / "full")))
+    training = [json.loads((p / "config.json").read_text())["training"] for p in (cached, full)]
+    assert [t["frozen_stage_cache"] for t in training] == [True, False]
+    assert training[0]["stages_trained"] == 2
+    a, b = load_artifact(cached).model.state_dict(), load_artifact(full).model.state_dict()
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=1e-4, atol=1e-5, msg=key)
+    stem = next(iter(a))
+    assert torch.equal(a[stem], load_artifact(cached).model.state_dict()[stem])
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "full", epochs=2, deterministic=True)

@@ -92,3 +92,23 @@ def test_partial_unfreezing_trains_only_the_last_stages() -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == head
     with pytest.raises(ModelError, match="Invalid --unfreeze"):
         set_trainable(model, len(stages) + 1)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_050"])
+def test_split_after_stages_composes_to_the_model(name: str) -> None:
+    import torch
+
+    from tl_deploy.models import backbone_stages, split_after_stages
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, weights="none").eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = len(backbone_stages(model))
+    for frozen in range(1, n):
+        split = split_after_stages(model, frozen)
+        assert split is not None, frozen
+        prefix, suffix = split
+        torch.testing.assert_close(suffix(prefix(x)), model(x))
+        assert len(list(prefix.parameters())) + len(list(suffix.parameters())) == len(list(model.parameters()))
+    assert split_after_stages(model, 0) is None and split_after_stages(model, n) is None
+    assert split_after_stages(create_model("resnet18", num_classes=3, weights="none"), 1) is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -58,17 +58,48 @@ def compute_features(
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
+@torch.no_grad()
+def compute_activations(
+    prefix: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
+    batch_size: int = 128, workers: int = 0, desc: str = "activations",
+) -> torch.Tensor:
+    """(N, C, H, W) float32 outputs of a frozen prefix of the network, eval transform, kept in memory.
+
+    Fine-tuning with the first stages frozen and no augmentation sees the same prefix output for an
+    image every epoch, so it is computed once.
+    """
+    was_training = prefix.training
+    prefix.eval()
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    chunks = []
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        chunks.append(prefix(x).float())  # (B, C, h, w)
+    prefix.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
 def cached_features(
     model: nn.Module, model_id: str, samples: Sequence[Sample], spec: PreprocessSpec, *,
     device: torch.device, cache_dir: Path | None, batch_size: int = 128, workers: int = 0,
-    desc: str = "features",
+    desc: str = "features", compute: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Features from the on-disk cache, computing and storing them on a miss."""
+    """Features from the on-disk cache, computing and storing them on a miss.
+
+    ``compute`` replaces the default computation (``compute_features``) on a miss, e.g. to derive
+    the features from prefix activations that are already in memory.
+    """
     from safetensors.torch import load_file, save_file
 
-    if cache_dir is None:
+    def run() -> torch.Tensor:
+        if compute is not None:
+            return compute()
         return compute_features(model, samples, spec, device=device, batch_size=batch_size,
                                 workers=workers, desc=desc)
+
+    if cache_dir is None:
+        return run()
     key = cache_key(model_id, spec, samples)
     path = cache_dir / "features" / f"{key}.safetensors"
     if path.is_file():
@@ -79,8 +110,7 @@ def cached_features(
                 return feats
         except Exception as exc:  # a damaged cache entry is recomputed, never trusted
             _logger.warning("ignoring unreadable feature cache %s (%s)", path, exc)
-    feats = compute_features(model, samples, spec, device=device, batch_size=batch_size,
-                             workers=workers, desc=desc)
+    feats = run()
     with atomic_path(path) as tmp:
         save_file({"features": feats.contiguous()}, str(tmp))
     return feats

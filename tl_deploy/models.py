@@ -231,3 +231,52 @@ def feature_dim(model: nn.Module) -> int:
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, D): the features the classifier sees."""
     return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+class StageSuffix(nn.Module):
+    """The layers of a model after its first ``k`` stages: ``suffix(prefix(x)) == model(x)``.
+
+    Holds references to the model's own modules (no copies), so training it trains the model.
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.Module, tail: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.tail = nn.Sequential(*tail)
+        # The modules forward_head uses (pooling, classifier, ...), registered for parameters() and train().
+        self.head = nn.ModuleList([m for n, m in model.named_children()
+                                   if n not in ("conv_stem", "bn1", "blocks") and all(m is not t for t in tail)])
+        self._model = [model]  # a list, so the whole model is not registered as a submodule
+
+    def train(self, mode: bool = True) -> StageSuffix:
+        super().train(mode)
+        self._model[0].training = mode  # forward_head reads the model's own flag (dropout)
+        return self
+
+    def forward(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        h = self.tail(self.blocks(h))
+        return self._model[0].forward_head(h, pre_logits=pre_logits)  # type: ignore[operator,no-any-return]
+
+
+def split_after_stages(model: nn.Module, frozen_stages: int) -> tuple[nn.Module, StageSuffix] | None:
+    """Cut a timm EfficientNet / MobileNetV3-family model after its first ``frozen_stages`` coarse stages.
+
+    Returns ``(prefix, suffix)`` whose parameters are exactly the first stages' and the rest, or None
+    when the architecture (or the cut) is not supported; callers then run the whole model.
+    """
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    stages = backbone_stages(model)
+    if not isinstance(model, (EfficientNet, MobileNetV3)) or not 1 <= frozen_stages < len(stages):
+        return None
+    k = frozen_stages - 1  # stage 0 is the stem, stage i >= 1 is blocks[i - 1]
+    blocks = model.blocks
+    prefix = nn.Sequential(model.conv_stem, model.bn1, *blocks[:k])
+    tail = [model.conv_head, model.bn2] if isinstance(model, EfficientNet) else []
+    suffix = StageSuffix(model, nn.Sequential(*blocks[k:]), tail)
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {n for stage in stages[:frozen_stages] for n in stage}
+    if {names[id(p)] for p in prefix.parameters()} != expected:
+        return None  # timm grouped this model's stages differently: no safe cut
+    return prefix, suffix
