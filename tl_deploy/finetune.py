@@ -600,14 +600,22 @@ def fit(cfg: TrainConfig) -> Path:
     if cfg.strategy in ("finetune", "lp-ft", "partial"):
         run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
                      loaded, split=split, acts=acts)
-        acts.clear()
+    val_acts = acts.pop("val", None)
+    acts.clear()
 
     model.eval()
     eval_split = "test" if splits.test else "val"
     result = evaluate(model, splits.get(eval_split), spec, cfg, device, amp=None, workers=workers,
                       num_classes=num_classes, desc=f"{eval_split} eval")
-    val_result = evaluate(model, splits.val, spec, cfg, device, amp=None, workers=workers,
-                          num_classes=num_classes, desc="val eval")
+    if eval_split == "val":
+        val_result = result
+    elif split is not None and val_acts is not None:  # the frozen stages' val outputs are still in memory
+        loader = make_loader(splits.val, None, cfg, train=False, epoch=0, workers=0, activations=val_acts)
+        val_result = summarize(*predict_logits(split[1], loader, device, None, desc="val eval"), num_classes)
+    else:
+        val_result = evaluate(model, splits.val, spec, cfg, device, amp=None, workers=workers,
+                              num_classes=num_classes, desc="val eval")
+    del val_acts
     elapsed = time.perf_counter() - start
     last_train: dict[str, Any] = state.history[-1] if state.history else {}
     metrics: dict[str, Any] = {
