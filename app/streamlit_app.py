@@ -90,6 +90,8 @@ with st.sidebar:
     engine = engines[labels.index(st.radio("Backend", labels, key="engine"))]
     compare_labels = st.multiselect("Compare with", [x for x in labels if x != engine.label], key="compare",
                                     help="Run every image on these backends too, side by side.")
+    found = [name for name, ok in (("TensorRT", trt_ok), ("ONNX Runtime CUDA", ort_gpu), ("PyTorch", torch_ok)) if ok]
+    st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"]))
     st.caption(f"Uploads up to {st.get_option('server.maxUploadSize')} MB each; images up to "
                f"{lib.MAX_IMAGE_PIXELS / 1e6:g} MP.")
 
@@ -121,9 +123,10 @@ with tab_single:
     gallery = lib.sample_gallery(card, clf.class_names)
     picked: list[str] = []
     if gallery:
-        with st.expander(f"Sample images of the test split ({len(gallery)})"):
+        picked = st.multiselect(f"Or samples of the test split ({len(gallery)})", [item.name for item in gallery],
+                                key="samples")
+        if st.toggle("Show the samples", key="show_gallery"):  # off by default: keeps the first page light
             st.image([str(item.source) for item in gallery], caption=[item.name for item in gallery], width=64)
-            picked = st.multiselect("Classify samples", [item.name for item in gallery], key="samples")
     show_input = st.toggle("Show what the engine saw (after resize and crop)", key="show_input")
 
     items = [lib.ImageItem(f.name, f.getvalue()) for f in uploads or []]
