@@ -32,7 +32,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+    """Poll Streamlit's health endpoint (the generous timeout is a ceiling for busy shared machines)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -57,7 +58,11 @@ def server(app_export: Path, tmp_path: Path) -> Iterator[str]:
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        try:
+            wait_healthy(url, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            log.flush()
+            raise RuntimeError(f"{exc}; server log:\n{(tmp_path / 'server.log').read_text()[-3000:]}") from exc
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the launcher and the streamlit server it started
@@ -92,6 +97,7 @@ def test_upload_in_a_real_browser_shows_the_right_class(server: str, app_export:
             expect(prediction).to_be_visible(timeout=60_000)
             for other in wrong:
                 expect(page.get_by_text(f"Prediction: {other} ·")).to_have_count(0)
+            expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible(timeout=60_000)  # top-5
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

@@ -303,8 +303,8 @@ def classify_items(classifier: Any, items: Sequence[ImageItem], *,
         chunk = items[lo:lo + BATCH_CHUNK]
         decoded: list[tuple[dict[str, Any], Image.Image]] = []
         for item in chunk:
-            row = {"image": item.name, "prediction": "", "confidence": None, "true_label": item.true_label or "",
-                   "correct": None, "error": ""}
+            row: dict[str, Any] = {"image": item.name, "prediction": "", "confidence": None,
+                                   "true_label": item.true_label or "", "correct": None, "error": ""}
             rows.append(row)
             try:
                 decoded.append((row, read_image(item.source, item.name, max_pixels)))
