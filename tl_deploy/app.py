@@ -447,7 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         if args.model is not None and not args.model.exists():
             raise ArtifactError(f"Model not found: {args.model}. Give an export folder, artifact folder or .onnx file.")
-        return subprocess.call(streamlit_command(args.model, args.port, args.address))
+        command = streamlit_command(args.model, args.port, args.address)
+        try:
+            return subprocess.call(command)
+        except KeyboardInterrupt:  # Ctrl+C reaches the server too: the normal way to stop it
+            return 0
 
     return run_cli(body, get_args_parser().parse_args(argv))
 
