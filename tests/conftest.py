@@ -70,3 +70,21 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = PreprocessSpec(input_size=TINY_SIZE, resize=TINY_SIZE)
     return save_artifact(out, model.eval(), architecture=arch, class_names=TINY_CLASSES, spec=spec,
                          training={"strategy": "none"}, metrics={"test_acc": 0.0})
+
+
+@pytest.fixture(scope="session")
+def app_export(tiny_artifact: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model re-saved with its training data recorded (for the app's gallery), exported to
+    ONNX FP32 and INT8 as ``export/tiny`` next to ``models/tiny``: the layout `make demo` leaves."""
+    from tl_deploy.artifact import load_artifact, save_artifact
+    from tl_deploy.export import ExportOptions, export_artifact
+
+    root = tmp_path_factory.mktemp("app_project")
+    art = load_artifact(tiny_artifact)
+    model_dir = save_artifact(root / "models" / "tiny", art.model, architecture=art.architecture,
+                              class_names=art.class_names, spec=art.spec,
+                              training={"strategy": "none", "data": str(tiny_data)},
+                              metrics={"test_acc": 0.5, "val_acc": 0.5})
+    out = root / "export" / "tiny"
+    export_artifact(model_dir, out, ExportOptions(int8=True, calib_data=tiny_data, calib_samples=24))
+    return out

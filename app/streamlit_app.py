@@ -1,0 +1,240 @@
+"""Classify target-domain images in the browser on the exported model.
+
+``streamlit run app/streamlit_app.py [-- --model PATH]`` or ``python -m tl_deploy.app [--model PATH]``.
+Without a model it loads the newest export under export/ (or $TL_DEPLOY_MODEL). The page only lays
+out widgets: models run through ``tl_deploy.runtime``; file handling lives in ``tl_deploy.app``.
+Settings (upload size cap, no telemetry) are in app/.streamlit/config.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from tl_deploy import app as lib
+from tl_deploy.errors import TlDeployError
+from tl_deploy.preprocess import denormalize, prepare
+from tl_deploy.runtime import Classifier, load, ort_gpu_available, tensorrt_available
+
+st.set_page_config(page_title="tl_deploy: classify images", layout="wide")
+
+
+def requested_model() -> str | None:
+    """--model after `--` on the streamlit command line, else $TL_DEPLOY_MODEL."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return args.model or os.environ.get(lib.MODEL_ENV) or None
+
+
+def stamp(path: Path) -> float:
+    """Changes when the model on disk changes, so the cached classifier is reloaded."""
+    for name in (lib.EXPORT_MANIFEST, lib.ARTIFACT_CONFIG):
+        if (path / name).is_file():
+            return (path / name).stat().st_mtime
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_resource(show_spinner=False)
+def backends_here() -> tuple[bool, bool, bool]:
+    """(TensorRT usable, onnxruntime CUDA provider, torch installed): probed once per server."""
+    return tensorrt_available(), ort_gpu_available(), lib.torch_available()
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=8)
+def get_classifier(path: str, backend: str, precision: str, mtime: float) -> Classifier:
+    """Loaded once per (model, backend, precision, file time) and shared by every session."""
+    classifier = load(path, backend=backend, precision=precision)
+    size = classifier.spec.input_size
+    classifier.predict(np.zeros((size, size, 3), np.uint8))  # warm-up, so shown latencies are steady-state
+    return classifier
+
+
+def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[list[str], np.ndarray, float]:
+    start = time.perf_counter()
+    labels, probs = classifier.predict(image, top_k=top_k)  # type: ignore[arg-type]
+    return labels[0], probs[0], (time.perf_counter() - start) * 1000.0
+
+
+# --- Sidebar: model and engine -----------------------------------------------------------------
+
+st.title("Classify images")
+trt_ok, ort_gpu, torch_ok = backends_here()
+wanted = requested_model()
+choices = [Path(wanted)] if wanted else []
+choices += [p for p in lib.find_exports() + lib.find_artifacts() if p.resolve() not in {c.resolve() for c in choices}]
+if not choices:
+    try:
+        lib.default_model()
+    except TlDeployError as exc:
+        st.error(str(exc))
+    st.stop()
+
+with st.sidebar:
+    st.header("Model")
+    model_path = st.selectbox("Model", choices, format_func=lambda p: p.name, key="model",
+                              help="Newest export under export/ first; start with --model PATH for another.")
+    try:
+        engines = lib.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)
+    except TlDeployError as exc:
+        st.error(str(exc))
+        st.stop()
+    labels = [e.label for e in engines]
+    engine = engines[labels.index(st.radio("Backend", labels, key="engine"))]
+    compare_labels = st.multiselect("Compare with", [x for x in labels if x != engine.label], key="compare",
+                                    help="Run every image on these backends too, side by side.")
+    found = [name for name, ok in (("TensorRT", trt_ok), ("ONNX Runtime CUDA", ort_gpu), ("PyTorch", torch_ok)) if ok]
+    st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"]))
+    st.caption(f"Uploads up to {st.get_option('server.maxUploadSize')} MB each; images up to "
+               f"{lib.MAX_IMAGE_PIXELS / 1e6:g} MP.")
+
+try:
+    clf = get_classifier(str(engine.path), engine.backend, engine.precision, stamp(engine.path))
+except TlDeployError as exc:
+    st.error(f"Could not load {engine.path} ({engine.label}): {exc}")
+    st.stop()
+others = []
+for other in (e for e in engines if e.label in compare_labels):
+    try:
+        others.append((other, get_classifier(str(other.path), other.backend, other.precision, stamp(other.path))))
+    except TlDeployError as exc:
+        st.warning(f"{other.label} not available: {exc}")
+
+st.info(f"Running **{clf.backend_name}** · **{clf.precision}** on {clf.device} · `{Path(clf.source).name}` "
+        f"from `{model_path}` · {len(clf.class_names)} classes")
+card = lib.read_model_card(model_path)
+top_k = min(5, len(clf.class_names))
+
+tab_single, tab_batch, tab_card = st.tabs(["Classify", "Batch", "Model card"])
+
+# --- Single images -----------------------------------------------------------------------------
+
+with tab_single:
+    uploads = st.file_uploader("Images", type=list(lib.UPLOAD_TYPES), accept_multiple_files=True, key="images",
+                               help="PNG, JPEG, WebP, BMP...; any colour mode (greyscale, palette, alpha, "
+                                    "16-bit, CMYK).")
+    gallery = lib.sample_gallery(card, clf.class_names)
+    picked: list[str] = []
+    if gallery:
+        picked = st.multiselect(f"Or samples of the test split ({len(gallery)})", [item.name for item in gallery],
+                                key="samples")
+        if st.toggle("Show the samples", key="show_gallery"):  # off by default: keeps the first page light
+            st.image([str(item.source) for item in gallery], caption=[item.name for item in gallery], width=64)
+    show_input = st.toggle("Show what the engine saw (after resize and crop)", key="show_input")
+
+    items = [lib.ImageItem(f.name, f.getvalue()) for f in uploads or []]
+    items += [item for item in gallery if item.name in picked]
+    if not items:
+        st.caption("Upload images or pick samples to classify them.")
+    for item in items:
+        st.divider()
+        try:
+            image = lib.read_image(item.source, item.name)
+            top, probs, ms = predict_timed(clf, image, top_k)
+        except TlDeployError as exc:
+            st.error(str(exc))
+            continue
+        left, right = st.columns([1, 2])
+        with left:
+            st.image(image, caption=item.name, width=160)
+            if show_input:
+                seen = denormalize(prepare(image, clf.spec), clf.spec)  # (H, W, 3) uint8
+                st.image(seen, caption=f"engine input {seen.shape[1]}x{seen.shape[0]}", width=160)
+        with right:
+            truth = f" (true: {item.true_label})" if item.true_label else ""
+            st.markdown(f"Prediction: **{top[0]}** · {probs[0]:.1%} · {ms:.1f} ms{truth}")
+            chart = pd.DataFrame({"class": top, "probability": probs.astype(float)})
+            st.bar_chart(chart, x="class", y="probability", horizontal=True, sort="-probability", height=180)
+            if others:
+                rows = [{"backend": engine.label, "prediction": top[0], "probability": float(probs[0]),
+                         "ms": round(ms, 2)}]
+                for other, other_clf in others:
+                    o_top, o_probs, o_ms = predict_timed(other_clf, image, 1)
+                    rows.append({"backend": other.label, "prediction": o_top[0], "probability": float(o_probs[0]),
+                                 "ms": round(o_ms, 2)})
+                st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+# --- Batch -------------------------------------------------------------------------------------
+
+with tab_batch:
+    source = st.radio("Images from", ["zip file", "folder (upload)", "folder on the server"], horizontal=True,
+                      key="batch_source")
+    batch_items: list[lib.ImageItem] | None = None
+    try:
+        if source == "zip file":
+            archive = st.file_uploader("Zip of images (class folders give accuracy)", type=["zip"], key="zip")
+            if archive is not None:
+                batch_items = lib.read_zip(archive.getvalue(), clf.class_names)
+        elif source == "folder (upload)":
+            files = st.file_uploader("Folder of images", type=list(lib.UPLOAD_TYPES),
+                                     accept_multiple_files="directory", key="folder_upload")
+            if files:
+                batch_items = lib.items_from_names([(f.name, f.getvalue()) for f in files], clf.class_names)
+        else:
+            folder = st.text_input("Folder path", key="folder_path",
+                                   help="Read on the server, never written; class folders (e.g. "
+                                        "data/animal-shape/test) give accuracy.")
+            if folder:
+                batch_items = lib.scan_folder(folder, clf.class_names)
+    except TlDeployError as exc:
+        st.error(str(exc))
+    if batch_items:
+        key = (source, len(batch_items), engine.label, str(model_path))
+        if st.button(f"Classify {len(batch_items)} images", key="run_batch"):
+            bar = st.progress(0.0, text="Classifying...")
+            result = lib.classify_items(
+                clf, batch_items, progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total}"))
+            st.session_state["batch"] = (key, result)
+        stored = st.session_state.get("batch")
+        if stored and stored[0] == key:
+            result = stored[1]
+            cols = st.columns(4)
+            cols[0].metric("images", len(result.rows))
+            cols[1].metric("unreadable", result.errors)
+            cols[2].metric("images/s", f"{len(result.rows) / max(result.seconds, 1e-9):.0f}")
+            if result.accuracy is not None:
+                cols[3].metric(f"accuracy ({result.labelled} labelled)", f"{result.accuracy:.2%}")
+            st.dataframe(pd.DataFrame(result.rows), hide_index=True)
+            st.download_button("Download CSV", result.to_csv(), file_name="predictions.csv", mime="text/csv",
+                               on_click="ignore")
+            if result.confusion is not None:
+                st.markdown("Confusion matrix (rows: true class, columns: prediction)")
+                st.dataframe(pd.DataFrame(result.confusion, index=result.class_names, columns=result.class_names))
+
+# --- Model card --------------------------------------------------------------------------------
+
+with tab_card:
+    st.subheader(card.architecture or clf.metadata.architecture)
+    st.markdown(f"**Classes ({len(clf.class_names)}):** " + ", ".join(clf.class_names))
+    st.markdown(f"**Input:** {clf.spec.input_size}x{clf.spec.input_size} {clf.spec.channel_order}, resize "
+                f"{clf.spec.resize} ({clf.spec.interpolation}), mean {clf.spec.mean}, std {clf.spec.std}")
+    if card.training:
+        keys = ("strategy", "epochs", "probe_epochs", "img_size", "lr", "batch_size", "weights", "data")
+        st.markdown("**Training:** " + ", ".join(f"{k} {card.training[k]}" for k in keys if k in card.training))
+    if card.metrics:
+        st.markdown("**Training metrics**")
+        st.dataframe(pd.DataFrame([card.metrics]), hide_index=True)
+    if card.files:
+        st.markdown(f"**Export formats** (exported {card.created})")
+        table = [{"format": f.get("format"), "file": f.get("file"), "precision": f.get("precision"),
+                  "size MB": round(f.get("size_bytes", 0) / 1e6, 2), "status": f.get("status"),
+                  "check": f.get("check", "")} for f in card.files]
+        st.dataframe(pd.DataFrame(table), hide_index=True)
+    st.markdown("**Parity report**")
+    if card.parity_markdown:
+        st.markdown(card.parity_markdown)
+    elif card.parity_json is not None:
+        st.json(card.parity_json, expanded=False)
+    else:
+        st.caption("None next to this model: run `python -m tl_deploy.parity MODEL_DIR --export EXPORT_DIR`.")
+    if card.artifact is not None:
+        plots = [card.artifact / name for name in ("curves.png", "confusion.png") if (card.artifact / name).is_file()]
+        if plots:
+            st.image([str(p) for p in plots], caption=[p.stem for p in plots], width=360)
