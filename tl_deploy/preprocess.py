@@ -124,12 +124,43 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     return image
 
 
+def max_image_pixels() -> int | None:
+    """The decompression-bomb limit: PIL's ``Image.MAX_IMAGE_PIXELS`` (None when disabled)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit else None
+
+
+def check_image_size(image: Image.Image, name: str) -> None:
+    """Refuse images with no pixels, and images above the decompression-bomb limit before decoding.
+
+    PIL itself only refuses images above twice its limit; between one and two times it warns and
+    decodes them anyway, which can take gigabytes for a file of a few kilobytes.
+    """
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise DataError(f"Image has no pixels ({w}x{h}): {name}. Remove or replace it.")
+    limit = max_image_pixels()
+    if limit is not None and w * h > limit:
+        raise DataError(
+            f"Image too large to decode safely: {name} is {w}x{h} = {w * h} pixels, above the "
+            f"{limit}-pixel limit. Downscale it first."
+        )
+
+
 def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Open a path, raw bytes, PIL image or HWC/HW uint8 array as RGB, or raise ``DataError``."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source, background)
-    if isinstance(source, np.ndarray):
-        return to_rgb(_array_to_pil(source), background)
+    if isinstance(source, (Image.Image, np.ndarray)):
+        image = source if isinstance(source, Image.Image) else _array_to_pil(source)
+        check_image_size(image, f"<{type(source).__name__}>")
+        try:
+            return to_rgb(image, background)
+        except (ValueError, OSError) as exc:  # e.g. a mode PIL cannot convert to RGB
+            raise DataError(f"Cannot convert a {image.mode} image to RGB ({exc}). Pass an RGB or L image.") from exc
+    if not isinstance(source, (bytes, str, os.PathLike)):
+        raise DataError(
+            f"Unsupported image input of type {type(source).__name__}: pass a path, bytes, a PIL image "
+            "or a uint8 array."
+        )
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         if isinstance(source, bytes):
@@ -144,6 +175,7 @@ def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0))
                 raise DataError(f"Image file is empty (0 bytes): {name}. Remove or replace it.")
             fh = path
         with Image.open(fh) as img:
+            check_image_size(img, name)
             img.load()
             return to_rgb(img, background)
     except DataError:
@@ -152,8 +184,11 @@ def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0))
         raise DataError(
             f"Image too large to decode safely: {name} ({exc}). Downscale it first."
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
         raise DataError(f"Not a readable image: {name} ({exc}). Remove or replace the file.") from exc
+    except Exception as exc:  # PIL's decoders raise many types (EOFError, struct.error...) on bad data
+        detail = f"{type(exc).__name__}: {exc}"[:200]
+        raise DataError(f"Not a readable image: {name} ({detail}). Remove or replace the file.") from exc
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
