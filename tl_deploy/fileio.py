@@ -142,7 +142,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)  # put the previous folder back: never leave no folder at all
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
