@@ -126,9 +126,10 @@ def main() -> int:
         p.error(f"no images under {args.data}")
     models = []
     for path in args.model:
-        for precision in args.precision or ["auto"]:
-            clf = load(path, precision=precision) if Path(path, "export.json").is_file() else load(path)
-            models.append(clf)
+        if Path(path, "export.json").is_file():  # an export folder: one classifier per precision asked
+            models.extend(load(path, precision=precision) for precision in args.precision or ["auto"])
+        else:
+            models.append(load(path))
     names = [f"{m.backend_name}/{m.precision}" for m in models]
     soak = Soak(models, images, args.seed)
     rss: list[tuple[float, float]] = [(0.0, rss_mib())]

@@ -64,8 +64,9 @@ def clf(tiny_artifact: Path):  # type: ignore[no-untyped-def]
 
 
 def _check_prediction(clf, source: Any) -> None:  # type: ignore[no-untyped-def]
+    n = len(source) if isinstance(source, np.ndarray) and source.ndim == 4 else 1  # (N, H, W, C) is a batch
     labels, probs = clf.predict(source, top_k=2)
-    assert len(labels) == 1 and probs.shape == (1, 2) and np.all(np.isfinite(probs))
+    assert len(labels) == n and probs.shape == (n, 2) and np.all(np.isfinite(probs))
 
 
 @st.composite

@@ -71,9 +71,11 @@ def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
-            found.append((f"{owner}.{name}" if owner else name, node))
+            if isinstance(func, ast.Name):  # a bare call: eval(...), exec(...)
+                found.append((func.id, node))
+            elif isinstance(func, ast.Attribute):  # module.function(...); obj.method() gets a "?." owner
+                owner = func.value.id if isinstance(func.value, ast.Name) else "?"
+                found.append((f"{owner}.{func.attr}", node))
     return found
 
 
@@ -108,8 +110,13 @@ def export_dir(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _flip_a_weight_byte(path: Path) -> None:
+    """Change one weight inside the largest initializer: the graph still loads, and silently differs."""
+    import onnx
+
+    raw = max((t.raw_data for t in onnx.load(str(path)).graph.initializer), key=len)
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01  # inside the weight initializers: still a loadable graph
+    at = data.find(raw) + len(raw) // 2
+    data[at] ^= 0x01
     path.write_bytes(bytes(data))
 
 

@@ -101,7 +101,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # signalling NaNs in float data set the flag on any cast
+            arr = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(arr)
+        if not finite.all():  # NaN -> black, +-inf -> the finite extremes
+            valid = arr[finite] if finite.any() else np.zeros(1)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=float(valid.max()), neginf=float(valid.min()))
         lo, hi = float(arr.min()), float(arr.max())
         if mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
