@@ -41,7 +41,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get(
 
 def train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "tl_deploy.finetune", "--data", str(data), "--model", TINY_MODEL,
-            "--weights", "none", "--img-size", str(TINY_SIZE), "--strategy", "lp-ft", "--probe-epochs", "3",
+            "--weights", "none", "--img-size", str(TINY_SIZE), "--strategy", "lp-ft", "--unfreeze", "all",
+            "--probe-epochs", "3",
             "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-2", "--backbone-lr-mult", "1.0",
             "--no-augment", "--warmup-epochs", "0.5", "--no-cache", "--workers", "0", "--deterministic",
             "--out", str(out)]
