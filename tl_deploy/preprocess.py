@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,17 @@ class PreprocessSpec:
                 f"Invalid sizes input_size={self.input_size}, resize={self.resize}: "
                 "need 0 < input_size <= resize."
             )
+        for name in ("input_size", "resize"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise DataError(f"Invalid {name}={getattr(self, name)!r}: must be an integer.")
+        if self.resize > 8192:
+            raise DataError(f"Invalid resize={self.resize}: above 8192 pixels, no model takes that input.")
+        for name in ("mean", "std", "background"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                raise DataError(f"Invalid {name}={value!r}: need 3 finite numbers.")
+        if any(v == 0 for v in self.std):
+            raise DataError(f"Invalid std={self.std!r}: no channel may have std 0.")
         if self.channel_order not in ("RGB", "BGR") or self.layout != "NCHW":
             raise DataError(
                 f"Unsupported channel_order={self.channel_order!r}/layout={self.layout!r}: "
@@ -73,19 +85,22 @@ class PreprocessSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+    def from_dict(cls, data: Any) -> PreprocessSpec:
+        """Inverse of ``to_dict``; anything malformed raises ``DataError`` (the input may be untrusted)."""
+        if not isinstance(data, dict):
+            raise DataError(f"Invalid preprocess spec: expected a JSON object, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown = {str(k) for k in data} - known
         if unknown:
             raise DataError(f"Unknown preprocess fields {sorted(unknown)}; expected {sorted(known)}.")
         values = dict(data)
-        for key in ("mean", "std", "background"):
-            if key in values:
-                values[key] = tuple(values[key])
         try:
+            for key in ("mean", "std", "background"):
+                if key in values:
+                    values[key] = tuple(values[key])
             return cls(**values)
-        except TypeError as exc:
-            raise DataError(f"Invalid preprocess spec {data!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"Invalid preprocess spec {str(data)[:200]}: {exc}") from exc
 
     @property
     def pil_interpolation(self) -> Image.Resampling:
