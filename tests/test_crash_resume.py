@@ -48,12 +48,14 @@ def _kill_after_first_checkpoint(data: Path, out: Path, epochs: int) -> float:
     for delay in (random.uniform(0.0, 0.3), 0.0):  # retry at once if the run outpaced the kill
         shutil.rmtree(meta.parent, ignore_errors=True)
         proc = _spawn(_cli_args(data, out, epochs))
-        deadline = time.monotonic() + 900  # generous: a loaded CI machine may start slowly
-        while not meta.exists() and proc.poll() is None:  # the first complete checkpoint (end of epoch 1)
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        time.sleep(delay)  # a random moment: mid-epoch, or in the middle of a checkpoint write
-        proc.send_signal(signal.SIGKILL)
+        try:
+            deadline = time.monotonic() + 900  # generous: a loaded CI machine may start slowly
+            while not meta.exists() and proc.poll() is None:  # the first complete checkpoint (end of epoch 1)
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.02)
+            time.sleep(delay)  # a random moment: mid-epoch, or in the middle of a checkpoint write
+        finally:
+            proc.send_signal(signal.SIGKILL)  # also when the wait failed: never leave the run behind
         _, err = proc.communicate(timeout=60)
         if proc.returncode == -signal.SIGKILL:
             return delay
