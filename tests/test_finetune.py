@@ -147,10 +147,10 @@ def _bad_layouts(root: Path) -> dict[str, tuple[Path, str]]:
     cases["val_only_class"] = (extra, "not in the training split")
     text = make_image_folder(root / "non_image", {"train": 2, "val": 1})
     (text / "train" / "bar" / "notes.txt").write_text("hello")
-    cases["non_image"] = (text, "non-image file")
+    cases["non_image"] = (text, "not an image file type")
     corrupt = make_image_folder(root / "corrupt", {"train": 2, "val": 1})
     (corrupt / "train" / "bar" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    cases["corrupt"] = (corrupt, "unreadable image")
+    cases["corrupt"] = (corrupt, "1 bad file(s)")
     return cases
 
 

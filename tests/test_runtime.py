@@ -95,22 +95,46 @@ def test_infer_chunks_large_batches(export_dir: Path, torch_clf, test_images) ->
     assert out.shape == (70, 3) and np.allclose(out, out[:1], atol=1e-5)
 
 
-def test_sessions_are_thread_safe(export_dir: Path, test_images) -> None:
-    clf = load(export_dir / "model.onnx")
+THREADS, PER_THREAD = 8, 200
+
+
+@pytest.mark.parametrize("which", ["torch", "model.onnx", "model.int8.cpu.onnx", "model.int8.onnx",
+                                   "model.preprocess.onnx"])
+def test_8_threads_x_200_predictions_equal_the_serial_results(which: str, tiny_artifact: Path, export_dir: Path,
+                                                              test_images: list[Path]) -> None:
+    """One shared classifier per backend; paths, bytes, PIL images and arrays mixed; bit-identical results."""
+    clf = load(tiny_artifact) if which == "torch" else load(export_dir / which)
     assert clf.thread_safe
-    expected = clf.predict(test_images).probabilities
-    results: list[np.ndarray] = []
+    inputs: list[object] = []
+    for i, path in enumerate(test_images):
+        kind = i % 4
+        inputs.append(path if kind == 0 else path.read_bytes() if kind == 1 else
+                      Image.open(path).convert("L") if kind == 2 else np.asarray(Image.open(path).convert("RGB")))
+    serial = [clf.predict(x, top_k=3) for x in inputs]
+    barrier = threading.Barrier(THREADS)
+    done = [0] * THREADS
+    mismatches: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
 
-    def work() -> None:
-        for _ in range(3):
-            results.append(clf.predict(test_images).probabilities)
+    def work(t: int) -> None:
+        rng = np.random.default_rng(t)
+        barrier.wait()  # all threads start together
+        try:
+            for i in rng.integers(0, len(inputs), PER_THREAD):
+                got = clf.predict(inputs[i], top_k=3)
+                if got.labels != serial[i].labels or not np.array_equal(got.probabilities, serial[i].probabilities):
+                    mismatches.append((t, int(i)))
+                done[t] += 1
+        except BaseException as exc:  # reported below; a thread must not die silently
+            errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 12 and all(np.allclose(r, expected, atol=1e-6) for r in results)
+    assert not errors, errors[:3]
+    assert sum(done) == THREADS * PER_THREAD and not mismatches, mismatches[:10]
 
 
 def test_onnxruntime_path_does_not_import_torch(export_dir: Path, test_images) -> None:

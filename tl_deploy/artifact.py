@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tl_deploy import __version__
-from tl_deploy.errors import ArtifactError, ModelError
+from tl_deploy.errors import ArtifactError
 from tl_deploy.fileio import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
 from tl_deploy.preprocess import PreprocessSpec
 
@@ -154,6 +154,10 @@ def verify_manifest(path: Path) -> str:
         files = json.loads(raw)["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"Corrupt {manifest_path}: {exc}. Re-run fine-tuning.") from exc
+    if not isinstance(files, dict) or not all(
+            isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..") and isinstance(e, str)
+            for n, e in files.items()):
+        raise ArtifactError(f"Corrupt {manifest_path}: 'files' must map plain file names to sha256 strings.")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -180,7 +184,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"Corrupt {config_path}: {exc}.") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ArtifactError(f"{config_path} is not a {FORMAT} config.")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ArtifactError(f"{config_path}: invalid format_version {version!r}.")
+    if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} uses artifact format {config['format_version']}, newer than this tl_deploy "
             f"understands ({FORMAT_VERSION}). Upgrade tl_deploy."
@@ -204,10 +211,17 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
             name=str(arch_cfg["name"]), num_classes=int(arch_cfg["num_classes"]),
             head=str(arch_cfg.get("head", "linear")), drop_rate=float(arch_cfg.get("drop_rate", 0.0)),
         )
+        if not isinstance(config["class_names"], list):
+            raise TypeError("class_names is not a list")
         class_names = [str(c) for c in config["class_names"]]
         spec = PreprocessSpec.from_dict(config["preprocess"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"Invalid {path / CONFIG_FILE}: missing or bad field ({exc}).") from exc
+    if not 2 <= arch.num_classes == len(class_names) or not 0.0 <= arch.drop_rate < 1.0:
+        raise ArtifactError(
+            f"Invalid {path / CONFIG_FILE}: num_classes {arch.num_classes} must be >= 2 and match the "
+            f"{len(class_names)} class names; drop_rate {arch.drop_rate} must be in [0, 1)."
+        )
     model = build_model(arch)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -215,12 +229,17 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ModelError, OSError) as exc:
-        raise ArtifactError(f"Weights in {weights_path} do not fit {arch.name}: {str(exc)[:300]}") from exc
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise ArtifactError(f"Weights in {weights_path} do not fit {arch.name} or are unreadable: "
+                            f"{str(exc)[:300]}") from exc
     model.to(device).eval()
     metrics: dict[str, Any] = {}
     if (path / METRICS_FILE).is_file():
-        metrics = json.loads((path / METRICS_FILE).read_text())
+        try:
+            loaded = json.loads((path / METRICS_FILE).read_text())
+        except ValueError as exc:
+            raise ArtifactError(f"Corrupt {path / METRICS_FILE}: {exc}.") from exc
+        metrics = loaded if isinstance(loaded, dict) else {}
     return Artifact(path=path, model=model, architecture=arch, class_names=class_names, spec=spec,
                     config=config, metrics=metrics, checksum=checksum)
 

@@ -18,22 +18,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_deploy.errors import TlDeployError
+from tl_deploy.errors import ArtifactError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 _logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Saves and restores the training state of one run."""
+    """Saves and restores the training state of one run.
+
+    Each save writes a new state file (``state-<phase>-<epoch>.pt``) atomically, then ``meta.json``
+    that names it with its sha256, and only then removes older state files. A kill at any moment
+    leaves a meta that points at a complete state file: resuming continues from the last complete
+    checkpoint, never from a torn one.
+    """
 
     def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
         self.dir = out.parent / f".{out.name}.checkpoint"
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-
-    @property
-    def state_file(self) -> Path:
-        return self.dir / "state.pt"
 
     @property
     def meta_file(self) -> Path:
@@ -52,29 +54,47 @@ class Checkpointer:
         buf = io.BytesIO()
         torch.save(payload, buf)
         data = buf.getvalue()
-        # State first, then the meta that vouches for it: a crash between the two leaves a meta
-        # whose checksum does not match, and that checkpoint is ignored rather than trusted.
-        atomic_write_bytes(self.state_file, data)
-        atomic_write_json(self.meta_file, {"sha256": sha256_bytes(data), "fingerprint": self.fingerprint})
+        name = f"state-{run_state.phase}-{run_state.epoch}.pt"
+        atomic_write_bytes(self.dir / name, data)
+        atomic_write_json(self.meta_file, {"state": name, "sha256": sha256_bytes(data),
+                                           "fingerprint": self.fingerprint})
+        for old in self.dir.iterdir():  # older states and temp files of an interrupted save
+            if old.name not in (name, self.meta_file.name):
+                old.unlink(missing_ok=True)
 
     def load(self) -> dict[str, Any] | None:
-        if not self.meta_file.is_file() or not self.state_file.is_file():
+        """The last complete checkpoint, or None when there is none (or it cannot be trusted)."""
+        if not self.meta_file.is_file():
             return None
         try:
             meta = json.loads(self.meta_file.read_text())
-        except ValueError:
-            _logger.warning("ignoring unreadable checkpoint metadata %s", self.meta_file)
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("state"), str) or "/" in meta["state"]:
+            _logger.warning("ignoring unreadable checkpoint metadata %s; starting over", self.meta_file)
             return None
         if meta.get("fingerprint") != self.fingerprint:
             raise TlDeployError(
                 f"The checkpoint in {self.dir} belongs to a run with other settings or data. "
                 "Resume with the same options, or drop --resume to start over."
             )
-        data = self.state_file.read_bytes()
-        if sha256_bytes(data) != meta.get("sha256"):
-            _logger.warning("checkpoint %s is incomplete (checksum mismatch); starting over", self.state_file)
+        state_file = self.dir / meta["state"]
+        if not state_file.is_file():
+            _logger.warning("checkpoint %s is missing; starting over", state_file)
             return None
-        loaded: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        data = state_file.read_bytes()
+        if sha256_bytes(data) != meta.get("sha256"):
+            _logger.warning("checkpoint %s does not match its checksum; starting over", state_file)
+            return None
+        try:
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code with UnpicklingError and others
+            raise ArtifactError(
+                f"Refusing to load checkpoint {state_file}: not a plain tensor checkpoint "
+                f"({type(exc).__name__}). Delete {self.dir} and drop --resume to start over."
+            ) from exc
+        if not isinstance(loaded, dict) or not {"model", "run_state"} <= set(loaded):
+            raise ArtifactError(f"Checkpoint {state_file} is not a tl_deploy training checkpoint. Delete {self.dir}.")
         return loaded
 
     def clear(self) -> None:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from tl_deploy.errors import TlDeployError
+from tl_deploy.fileio import WRITE_ERRNOS, describe_write_error
 
 _logger = logging.getLogger("tl_deploy")
 
@@ -35,6 +36,13 @@ def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace)
             _logger.exception("failed")
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        if verbose:
+            _logger.exception("failed")
+        print(f"error: {describe_write_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing half-written was kept (use --resume to continue training).",
               file=sys.stderr)

@@ -6,8 +6,9 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -18,16 +19,31 @@ from tl_deploy.preprocess import (
     IMAGE_EXTENSIONS,
     ImageInput,
     PreprocessSpec,
+    check_image_size,
     normalize,
     open_image,
     prepare,
     resize_and_crop,
+    to_rgb,
 )
 
 _logger = logging.getLogger(__name__)
 
 Sample = tuple[Path, int]
 Transform = Callable[[ImageInput], torch.Tensor]
+ON_BAD_IMAGE = ("fail", "skip")
+_SHOWN_BAD = 10  # offending files named in an error message; the rest are logged
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file in the data folder that cannot be a training image, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,7 @@ class Splits:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    skipped: list[BadFile] = field(default_factory=list)  # bad files left out by --on-bad-image skip
 
     def get(self, split: str) -> list[Sample]:
         if split not in ("train", "val", "test"):
@@ -61,11 +78,13 @@ def find_classes(root: Path) -> list[str]:
     return classes
 
 
-def scan_split(root: Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
+def scan_split(root: Path, class_names: Sequence[str] | None = None,
+               bad: list[BadFile] | None = None) -> tuple[list[str], list[Sample]]:
     """List (path, label) for one split folder; with ``class_names`` labels follow that order.
 
-    Refuses empty classes, classes unknown to ``class_names`` and files that are not images by
-    their extension, naming the offending paths.
+    Refuses empty classes and classes unknown to ``class_names``. Files that are not images by their
+    extension, and broken or looping symlinks, are refused naming the paths, or appended to ``bad``
+    when a list is given. Hidden files and folders are ignored; symlinked folders are not followed.
     """
     found = find_classes(root)
     if class_names is None:
@@ -79,42 +98,83 @@ def scan_split(root: Path, class_names: Sequence[str] | None = None) -> tuple[li
             )
     index = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
-    not_images: list[Path] = []
+    rejected: list[BadFile] = []
     for name in found:
-        files = sorted(
-            p for p in (root / name).rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        files: list[Path] = []
+        # rglob does not descend into symlinked folders (no loops); is_file() is False for a broken
+        # or self-referencing link, which is reported rather than silently dropped.
+        for p in sorted((root / name).rglob("*")):
+            if any(part.startswith(".") for part in p.relative_to(root).parts):
+                continue
+            if p.is_file():
+                files.append(p)
+            elif p.is_symlink() and not p.is_dir():
+                rejected.append(BadFile(p, "broken or looping symlink"))
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        not_images.extend(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
+        rejected.extend(BadFile(p, "not an image file type") for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
         if not images:
             raise DataError(f"Class {name!r} has no images in {root / name}. Add images or remove the folder.")
         samples.extend((p, index[name]) for p in images)
-    if not_images:
-        shown = ", ".join(str(p) for p in not_images[:5])
-        more = f" and {len(not_images) - 5} more" if len(not_images) > 5 else ""
-        raise DataError(
-            f"{len(not_images)} non-image file(s) in {root}: {shown}{more}. "
-            f"Remove them (accepted: {', '.join(IMAGE_EXTENSIONS)})."
-        )
+    if rejected:
+        if bad is None:
+            raise_bad_files(rejected, root, f"accepted types: {', '.join(IMAGE_EXTENSIONS)}")
+        bad.extend(rejected)
     return list(class_names), samples
 
 
-def check_images(samples: Sequence[Sample]) -> None:
-    """Decode-check every image header up front, so a bad file fails now, not mid-epoch."""
-    bad: list[str] = []
-    for path, _ in samples:
-        try:
-            if path.stat().st_size == 0:
-                raise OSError("empty file")
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as exc:  # PIL raises many types for corrupt files
-            bad.append(f"{path} ({type(exc).__name__})")
+def raise_bad_files(bad: Sequence[BadFile], root: Path, hint: str = "") -> NoReturn:
+    """One error naming the offending files (all of them in the log when there are many)."""
+    if len(bad) > _SHOWN_BAD:
+        for item in bad:
+            _logger.error("bad file: %s", item)
+    shown = "; ".join(str(b) for b in bad[:_SHOWN_BAD])
+    more = f" and {len(bad) - _SHOWN_BAD} more (all listed above)" if len(bad) > _SHOWN_BAD else ""
+    extra = f" ({hint})" if hint else ""
+    raise DataError(
+        f"{len(bad)} bad file(s) in {root}: {shown}{more}. Remove or replace them{extra}, "
+        "or pass --on-bad-image skip to train without them."
+    )
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a training image, or None when it decodes completely.
+
+    The whole file is decoded (a truncated file passes a header check), through the same RGB
+    conversion training uses; JPEGs decode at 1/8 scale, which still reads every byte.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            check_image_size(img, str(path))
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            to_rgb(img)
+    except DataError as exc:
+        return str(exc).split(": ", 1)[0]
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"{type(exc).__name__}: {exc}"[:160]
+    return None
+
+
+def find_bad_images(samples: Sequence[Sample]) -> list[BadFile]:
+    """Decode every image up front, so a bad file is found now, not mid-epoch."""
+    from tqdm import tqdm
+
+    bad: list[BadFile] = []
+    for path, _ in tqdm(samples, desc="checking images", unit="img", leave=False, disable=None):
+        problem = image_problem(path)
+        if problem is not None:
+            bad.append(BadFile(path, problem))
+    return bad
+
+
+def check_images(samples: Sequence[Sample], root: Path | None = None) -> None:
+    """Raise ``DataError`` naming every image that does not decode."""
+    bad = find_bad_images(samples)
     if bad:
-        shown = "; ".join(bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} unreadable image(s): {shown}{more}. Remove or replace them.")
+        raise_bad_files(bad, root if root is not None else Path(os.path.commonpath([str(p) for p, _ in samples])))
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -141,43 +201,58 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
 
 
 def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None, seed: int = 0,
-                verify_images: bool = True) -> Splits:
-    """Read ``train/`` (+ ``val/``, optional ``test/``), or one folder split by ``val_split``."""
+                verify_images: bool = True, on_bad_image: str = "fail") -> Splits:
+    """Read ``train/`` (+ ``val/``, optional ``test/``), or one folder split by ``val_split``.
+
+    ``on_bad_image``: ``fail`` refuses a folder with any bad file (wrong type, empty, corrupt,
+    truncated, too large), naming them all; ``skip`` leaves them out and lists them in ``skipped``.
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise DataError(f"Invalid --on-bad-image {on_bad_image!r}. Only {', '.join(ON_BAD_IMAGE)} are supported.")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. Pass --data pointing at an ImageFolder tree.")
+    bad: list[BadFile] = []
+    val: list[Sample] = []  # filled from val/, or split off train after bad files are dropped
     if (root / "train").is_dir():
-        class_names, train = scan_split(root / "train")
+        class_names, train = scan_split(root / "train", bad=bad)
         if (root / "val").is_dir():
             if val_split is not None:
                 raise DataError(f"{root} already has val/; drop --val-split or remove {root / 'val'}.")
-            _, val = scan_split(root / "val", class_names)
-        elif val_split is not None:
-            train, val = stratified_split(train, val_split, seed)
-        else:
+            _, val = scan_split(root / "val", class_names, bad=bad)
+        elif val_split is None:
             raise DataError(f"{root} has train/ but no val/: add val/ or pass --val-split 0.1.")
         test: list[Sample] = []
         if (root / "test").is_dir():
-            _, test = scan_split(root / "test", class_names)
+            _, test = scan_split(root / "test", class_names, bad=bad)
     else:
         if val_split is None:
             raise DataError(
                 f"{root} has no train/ folder. Use {root}/train/<class>/..., {root}/val/<class>/... "
                 "or pass --val-split 0.1 to split one class-folder tree."
             )
-        class_names, samples = scan_split(root)
-        train, val = stratified_split(samples, val_split, seed)
+        class_names, train = scan_split(root, bad=bad)
         test = []
     if len(class_names) < 2:
         raise DataError(f"Only one class ({class_names[0]!r}) in {root}: a classifier needs at least 2.")
+    if verify_images:
+        bad.extend(find_bad_images(train + val + test))
+    if bad:
+        if on_bad_image == "fail":
+            raise_bad_files(bad, root)
+        dropped = {b.path for b in bad}
+        train, val, test = ([s for s in part if s[0] not in dropped] for part in (train, val, test))
+        _logger.warning("skipping %d bad file(s) (--on-bad-image skip):", len(bad))
+        for item in bad:
+            _logger.warning("  skipped %s", item)
+    if val_split is not None:  # split after dropping bad files, so both halves stay clean
+        train, val = stratified_split(train, val_split, seed)
     missing = sorted(set(range(len(class_names))) - {label for _, label in train})
     if missing:
         raise DataError(f"Classes {[class_names[i] for i in missing]} have no training images.")
-    if verify_images:
-        check_images(train + val + test)
     _logger.info("data %s: %d classes, %d train / %d val / %d test", root, len(class_names),
                  len(train), len(val), len(test))
-    return Splits(class_names=class_names, train=train, val=val, test=test)
+    return Splits(class_names=class_names, train=train, val=val, test=test, skipped=bad)
 
 
 def limit_per_class(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:

@@ -26,6 +26,10 @@ class ExportError(TlDeployError):
     """A conversion (ONNX, quantization, TensorRT) failed."""
 
 
+class OutputError(TlDeployError):
+    """The output folder cannot be written: permissions, a read-only file system, or a full disk."""
+
+
 class BackendUnavailableError(TlDeployError):
     """An optional runtime (TensorRT, CUDA, onnxruntime-gpu) is not installed or has no device."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tl_deploy.errors import OutputError
+
 _CHUNK = 1 << 20
 CACHE_ENV = "TL_DEPLOY_CACHE"
 
@@ -20,6 +23,48 @@ def default_cache_dir() -> Path:
     """``$TL_DEPLOY_CACHE`` if set, else ``~/.cache/tl_deploy`` (downloads, feature cache)."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_deploy"
+
+
+MIN_FREE_BYTES = 200 * 2**20  # room for checkpoints and an artifact of a small model
+# OSErrors that mean "this output cannot be written": reported as one line, not a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def check_output_writable(out: str | os.PathLike[str], need_bytes: int = MIN_FREE_BYTES,
+                          option: str = "--out") -> None:
+    """Fail now, not after an hour of work, when ``out`` cannot be created or the disk is nearly full.
+
+    Creates the parent folder, writes and removes a probe file there (the folder that atomic writes
+    use for their temporary files), and checks the free space against ``need_bytes``.
+    """
+    dest = Path(out)
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".write-test", dir=parent)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write to {parent} ({exc.strerror or exc}). Choose another {option} or fix its permissions."
+        ) from exc
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise OutputError(
+            f"Only {free / 2**20:.0f} MiB free in {parent}, need at least {need_bytes / 2**20:.0f} MiB. "
+            f"Free some space or choose another {option}."
+        )
+
+
+def describe_write_error(exc: OSError) -> str:
+    """One line for a failed write (full disk, permissions): what failed and what to do."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"{exc.strerror or exc}{where}. Nothing half-written was kept: free space or fix permissions, "
+            "then run again (training: add --resume to continue from the last checkpoint).")
 
 
 def _umask() -> int:
@@ -97,7 +142,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)  # put the previous folder back: never leave no folder at all
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from tl_deploy.artifact import Architecture, save_artifact
 from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import add_verbose, run_cli
 from tl_deploy.data import (
+    ON_BAD_IMAGE,
     ImageDataset,
     Sample,
     Splits,
@@ -49,7 +49,7 @@ from tl_deploy.data import (
 )
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
 from tl_deploy.features import cached_features, compute_activations
-from tl_deploy.fileio import default_cache_dir, sha256_file
+from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
 from tl_deploy.models import (
     DEFAULT_MODEL,
     EMBEDDED_WEIGHTS,
@@ -124,7 +124,7 @@ class TrainConfig:
     out: str | None = None  # artifact folder; None: models/<run-name>
     name: str | None = None
     resume: bool = False
-    on_bad_image: str = "fail"
+    on_bad_image: str = "fail"  # fail: refuse a dataset with bad files, naming them; skip: train without them
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -135,6 +135,8 @@ class TrainConfig:
             raise TlDeployError(f"Invalid --balance {self.balance!r}. Only {', '.join(BALANCE)} are supported.")
         if self.bn not in BN_MODES:
             raise TlDeployError(f"Invalid --bn {self.bn!r}. Only {', '.join(BN_MODES)} are supported.")
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise TlDeployError(f"Invalid --on-bad-image {self.on_bad_image!r}. Only fail and skip are supported.")
         if self.amp not in AMP_MODES:
             raise TlDeployError(f"Invalid --amp {self.amp!r}. Only {', '.join(AMP_MODES)} are supported.")
         for name in ("epochs", "probe_epochs"):
@@ -514,21 +516,6 @@ def run_name(cfg: TrainConfig, data_dir: Path) -> str:
     return f"{data_dir.resolve().name}-{cfg.model}-{cfg.strategy}"
 
 
-def check_writable(out: Path) -> None:
-    """Fail before training, not after, when the output folder cannot be written."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{out.name}.write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise TlDeployError(f"Cannot write to {parent} ({exc.strerror}). Choose another --out.") from exc
-    free = shutil.disk_usage(parent).free
-    if free < 200 * 2**20:
-        raise TlDeployError(f"Only {free / 2**20:.0f} MiB free in {parent}: need at least 200 MiB.")
-
-
 def fit(cfg: TrainConfig) -> Path:
     """Run fine-tuning end to end; returns the artifact folder."""
     cfg.validate()
@@ -539,9 +526,9 @@ def fit(cfg: TrainConfig) -> Path:
     check_model_name(cfg.model)
     data_dir = resolve_data(cfg)
     out = Path(cfg.out) if cfg.out else Path("models") / run_name(cfg, data_dir)
-    check_writable(out)
+    check_output_writable(out)
 
-    splits: Splits = load_splits(data_dir, cfg.val_split, cfg.seed)
+    splits: Splits = load_splits(data_dir, cfg.val_split, cfg.seed, on_bad_image=cfg.on_bad_image)
     train_samples = splits.train
     if cfg.limit_per_class is not None:
         train_samples = limit_per_class(train_samples, cfg.limit_per_class, cfg.seed)
@@ -634,7 +621,8 @@ def fit(cfg: TrainConfig) -> Path:
     training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
                 "workers_used": workers, "stages_trained": "all" if trained is None else trained,
                 "frozen_stage_cache": split is not None, "train_images": len(train_samples),
-                "val_images": len(splits.val), "test_images": len(splits.test)}
+                "val_images": len(splits.val), "test_images": len(splits.test),
+                "skipped_images": [str(b) for b in splits.skipped]}
     extra = {"curves.png": curves_png(state.history),
              "confusion.png": confusion_png(result.confusion, splits.class_names, f"{eval_split} confusion")}
     model.cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -734,6 +722,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance", choices=BALANCE, default=d.balance, help="class-imbalance handling")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
                    help="training augmentation (flip + small affine); off keeps the frozen-stage cache usable")
+    g.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default=d.on_bad_image,
+                   help="fail: stop at once listing corrupt/non-image files; skip: train without them and list them")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: 0 on small CPUs, else min(8, cores))")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="timm architecture name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,17 @@ class PreprocessSpec:
                 f"Invalid sizes input_size={self.input_size}, resize={self.resize}: "
                 "need 0 < input_size <= resize."
             )
+        for name in ("input_size", "resize"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise DataError(f"Invalid {name}={getattr(self, name)!r}: must be an integer.")
+        if self.resize > 8192:
+            raise DataError(f"Invalid resize={self.resize}: above 8192 pixels, no model takes that input.")
+        for name in ("mean", "std", "background"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                raise DataError(f"Invalid {name}={value!r}: need 3 finite numbers.")
+        if any(v == 0 for v in self.std):
+            raise DataError(f"Invalid std={self.std!r}: no channel may have std 0.")
         if self.channel_order not in ("RGB", "BGR") or self.layout != "NCHW":
             raise DataError(
                 f"Unsupported channel_order={self.channel_order!r}/layout={self.layout!r}: "
@@ -73,19 +85,22 @@ class PreprocessSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+    def from_dict(cls, data: Any) -> PreprocessSpec:
+        """Inverse of ``to_dict``; anything malformed raises ``DataError`` (the input may be untrusted)."""
+        if not isinstance(data, dict):
+            raise DataError(f"Invalid preprocess spec: expected a JSON object, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown = {str(k) for k in data} - known
         if unknown:
             raise DataError(f"Unknown preprocess fields {sorted(unknown)}; expected {sorted(known)}.")
         values = dict(data)
-        for key in ("mean", "std", "background"):
-            if key in values:
-                values[key] = tuple(values[key])
         try:
+            for key in ("mean", "std", "background"):
+                if key in values:
+                    values[key] = tuple(values[key])
             return cls(**values)
-        except TypeError as exc:
-            raise DataError(f"Invalid preprocess spec {data!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"Invalid preprocess spec {str(data)[:200]}: {exc}") from exc
 
     @property
     def pil_interpolation(self) -> Image.Resampling:
@@ -101,7 +116,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # signalling NaNs in float data set the flag on any cast
+            arr = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(arr)
+        if not finite.all():  # NaN -> black, +-inf -> the finite extremes
+            valid = arr[finite] if finite.any() else np.zeros(1)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=float(valid.max()), neginf=float(valid.min()))
         lo, hi = float(arr.min()), float(arr.max())
         if mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
@@ -124,12 +144,43 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     return image
 
 
+def max_image_pixels() -> int | None:
+    """The decompression-bomb limit: PIL's ``Image.MAX_IMAGE_PIXELS`` (None when disabled)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit else None
+
+
+def check_image_size(image: Image.Image, name: str) -> None:
+    """Refuse images with no pixels, and images above the decompression-bomb limit before decoding.
+
+    PIL itself only refuses images above twice its limit; between one and two times it warns and
+    decodes them anyway, which can take gigabytes for a file of a few kilobytes.
+    """
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise DataError(f"Image has no pixels ({w}x{h}): {name}. Remove or replace it.")
+    limit = max_image_pixels()
+    if limit is not None and w * h > limit:
+        raise DataError(
+            f"Image too large to decode safely: {name} is {w}x{h} = {w * h} pixels, above the "
+            f"{limit}-pixel limit. Downscale it first."
+        )
+
+
 def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Open a path, raw bytes, PIL image or HWC/HW uint8 array as RGB, or raise ``DataError``."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source, background)
-    if isinstance(source, np.ndarray):
-        return to_rgb(_array_to_pil(source), background)
+    if isinstance(source, (Image.Image, np.ndarray)):
+        image = source if isinstance(source, Image.Image) else _array_to_pil(source)
+        check_image_size(image, f"<{type(source).__name__}>")
+        try:
+            return to_rgb(image, background)
+        except (ValueError, OSError) as exc:  # e.g. a mode PIL cannot convert to RGB
+            raise DataError(f"Cannot convert a {image.mode} image to RGB ({exc}). Pass an RGB or L image.") from exc
+    if not isinstance(source, (bytes, str, os.PathLike)):
+        raise DataError(
+            f"Unsupported image input of type {type(source).__name__}: pass a path, bytes, a PIL image "
+            "or a uint8 array."
+        )
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         if isinstance(source, bytes):
@@ -144,6 +195,7 @@ def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0))
                 raise DataError(f"Image file is empty (0 bytes): {name}. Remove or replace it.")
             fh = path
         with Image.open(fh) as img:
+            check_image_size(img, name)
             img.load()
             return to_rgb(img, background)
     except DataError:
@@ -152,8 +204,11 @@ def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0))
         raise DataError(
             f"Image too large to decode safely: {name} ({exc}). Downscale it first."
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
         raise DataError(f"Not a readable image: {name} ({exc}). Remove or replace the file.") from exc
+    except Exception as exc:  # PIL's decoders raise many types (EOFError, struct.error...) on bad data
+        detail = f"{type(exc).__name__}: {exc}"[:200]
+        raise DataError(f"Not a readable image: {name} ({detail}). Remove or replace the file.") from exc
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:

@@ -81,15 +81,16 @@ class OnnxMetadata:
                 f"{origin} has no tl_deploy metadata (format {data.get('format')!r}): export it with "
                 "python -m tl_deploy.export, or load the artifact folder instead."
             )
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        version = data.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ArtifactError(
-                f"{origin} uses export format {data['format_version']}, newer than this tl_deploy "
-                f"understands ({FORMAT_VERSION}). Upgrade tl_deploy."
+                f"{origin} uses export format {version!r}, not one this tl_deploy understands "
+                f"(up to {FORMAT_VERSION}). Upgrade tl_deploy, or re-export."
             )
         try:
             return cls(
                 class_names=tuple(str(c) for c in data["class_names"]),
-                spec=PreprocessSpec.from_dict(dict(data["preprocess"])),
+                spec=PreprocessSpec.from_dict(data["preprocess"]),
                 source_checksum=str(data["source_checksum"]),
                 architecture=str(data["architecture"]),
                 input_layout=str(data.get("input_layout", FLOAT_NCHW)),

@@ -178,7 +178,7 @@ def check_sidecar(sidecar: Mapping[str, Any], env: Mapping[str, str], *, engine_
         raise ArtifactError(f"Engine sidecar of {engine_name} is incomplete (missing {missing}). {rebuild}")
     if sidecar["format"] != SIDECAR_FORMAT:
         raise ArtifactError(f"{engine_name}: sidecar format {sidecar['format']!r} is not {SIDECAR_FORMAT!r}.")
-    if int(sidecar["format_version"]) > SIDECAR_VERSION:
+    if not isinstance(sidecar["format_version"], int) or sidecar["format_version"] > SIDECAR_VERSION:
         raise ArtifactError(f"{engine_name}: sidecar format {sidecar['format_version']} is newer than this "
                             f"tl_deploy understands ({SIDECAR_VERSION}). Upgrade tl_deploy.")
     if engine_sha256 is not None and sidecar["engine_sha256"] != engine_sha256:
@@ -192,8 +192,10 @@ def check_sidecar(sidecar: Mapping[str, Any], env: Mapping[str, str], *, engine_
     if (str(sidecar["tensorrt"]) != env.get("tensorrt") or str(sidecar["gpu"]) != env.get("gpu")
             or str(sidecar["compute_capability"]) != env.get("compute_capability")):
         raise ArtifactError(f"{engine_name} was built with {built}; this machine has {here}. {rebuild}")
-    if sidecar["precision"] not in ENGINE_PRECISIONS:
+    if not isinstance(sidecar["precision"], str) or sidecar["precision"] not in ENGINE_PRECISIONS:
         raise ArtifactError(f"{engine_name}: unknown precision {sidecar['precision']!r} in its sidecar. {rebuild}")
+    if not isinstance(sidecar["metadata"], Mapping):
+        raise ArtifactError(f"{engine_name}: the sidecar's metadata is not a JSON object. {rebuild}")
     return OnnxMetadata.from_dict(sidecar["metadata"], origin=f"{engine_name} sidecar")
 
 

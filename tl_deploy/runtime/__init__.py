@@ -18,7 +18,8 @@ from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployErr
 from tl_deploy.export.metadata import FLOAT_NCHW
 from tl_deploy.runtime.base import Classifier, Prediction, Runner, softmax
 
-__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "load", "softmax"]
+__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "load", "softmax",
+           "verify_export_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +111,33 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def verify_export_file(path: Path, manifest: Mapping[str, Any] | None = None) -> None:
+    """Check ``path`` against the sha256 its folder's export.json records; a lone file passes.
+
+    Raises ``ArtifactError`` when the file was modified, or when export.json lists it without a
+    checksum. Only files that the manifest names are checked (an engine also has its sidecar).
+    """
+    folder = path.parent
+    if manifest is None:
+        if not (folder / EXPORT_MANIFEST).is_file():
+            return
+        manifest = _read_manifest(folder)
+    entries = [f for f in manifest["files"] if isinstance(f, Mapping) and f.get("file") == path.name]
+    if not entries:
+        return
+    expected = entries[0].get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise ArtifactError(f"{folder / EXPORT_MANIFEST} records no sha256 for {path.name}. Re-run the export.")
+    from tl_deploy.fileio import sha256_file
+
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactError(
+            f"Export file {path} was modified (sha256 {actual[:12]}..., {EXPORT_MANIFEST} says "
+            f"{expected[:12]}...). Re-export it, or load with verify=False (--no-verify) to use it anyway."
+        )
+
+
 def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str = "auto",
          providers: Sequence[str] | None = None, threads: int | None = None,
          device: str | None = None, verify: bool = True) -> Classifier:
@@ -117,12 +145,15 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
 
     ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
     fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: torch device.
-    ``verify``: check the artifact's checksums (torch).
+    ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
+    export.json) before loading; ``False`` loads a modified file deliberately.
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
     path = Path(path)
     if path.is_file():
+        if verify:
+            verify_export_file(path)
         classifier = _load_file(path, backend, providers=providers, threads=threads)
     elif (path / ARTIFACT_CONFIG).is_file():
         if backend not in ("auto", "torch"):
@@ -134,13 +165,20 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
 
         classifier = load_torch(path, device=device, verify=verify)
     elif (path / EXPORT_MANIFEST).is_file():
-        files = _read_manifest(path)["files"]
+        manifest = _read_manifest(path)
+        files = [f for f in manifest["files"] if isinstance(f, Mapping)]
         wants_trt = backend in ("auto", "tensorrt") and any(f.get("kind") == "engine" for f in files)
         entry, reason = choose_export_file(files, backend=backend, precision=precision,
                                            tensorrt_ok=wants_trt and tensorrt_available(),
                                            ort_gpu=ort_gpu_available())
         _logger.info("export folder %s: picked %s (%s)", path, entry["file"], reason)
-        classifier = _load_file(path / str(entry["file"]), "auto", providers=providers, threads=threads)
+        chosen = path / str(entry["file"])
+        if Path(str(entry["file"])).name != str(entry["file"]) or not chosen.is_file():
+            raise ArtifactError(f"{path / EXPORT_MANIFEST} lists {entry['file']!r}, which is not a file there. "
+                                "Re-run the export.")
+        if verify:
+            verify_export_file(chosen, manifest)
+        classifier = _load_file(chosen, "auto", providers=providers, threads=threads)
     elif path.exists():
         raise ArtifactError(
             f"{path} is neither a model artifact (no {ARTIFACT_CONFIG}) nor an export folder "
