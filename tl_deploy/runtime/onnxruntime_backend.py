@@ -33,7 +33,10 @@ class OnnxRuntimeRunner(Runner):
     thread_safe = True
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, optimize: bool = True, spin: bool = True) -> None:
+        """``optimize=False`` runs the graph as written (Q/DQ not fused: the integer arithmetic TensorRT
+        performs for a QDQ file); ``spin=False`` keeps idle worker threads from busy-waiting, so
+        they do not steal cores from other work timed in the same process."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -50,7 +53,11 @@ class OnnxRuntimeRunner(Runner):
                 "pip install onnxruntime-gpu for CUDA/TensorRT, or leave providers unset."
             )
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else \
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads is not None:
             if threads < 1:
                 raise BackendUnavailableError(f"Invalid threads={threads}: choose 1 or more.")
@@ -75,8 +82,9 @@ class OnnxRuntimeRunner(Runner):
         return np.asarray(out, dtype=np.float32)
 
 
-def load_onnx(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> Classifier:
-    """An ``.onnx`` file written by tl_deploy -> classifier on onnxruntime."""
-    runner = OnnxRuntimeRunner(path, providers=providers, threads=threads)
+def load_onnx(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+              optimize: bool = True, spin: bool = True) -> Classifier:
+    """An ``.onnx`` file written by tl_deploy -> classifier on onnxruntime (options: ``OnnxRuntimeRunner``)."""
+    runner = OnnxRuntimeRunner(path, providers=providers, threads=threads, optimize=optimize, spin=spin)
     _logger.info("onnxruntime: %s on %s", path.name, ", ".join(runner.providers))
     return Classifier(runner, runner.metadata, path)
