@@ -35,7 +35,7 @@ from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json
 from tl_deploy.reports import format_table
 from tl_deploy.runtime.base import Classifier
-from tl_deploy.runtime.catalog import BackendChoice, open_backend, parse_backends, resolve_backends
+from tl_deploy.runtime.catalog import open_backend, parse_backends, resolve_backends
 
 _logger = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class BenchReport:
                 "export": self.export_dir, "config": asdict(self.config), "threads": self.threads,
                 "device": self.device, "machine": self.machine, "backends": self.backends,
                 "end_to_end_images": self.e2e_note,
-                "timings": {batch: {name: asdict(t) for name, t in rows.items()} for batch, rows in self.timings.items()}}
+                "timings": {batch: {name: asdict(t) for name, t in rows.items()}
+                            for batch, rows in self.timings.items()}}
 
     def table(self) -> str:
         rows = []
@@ -239,7 +240,8 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
     try:
         for batch in config.batches:
             x = _batch_input(images, batch)
-            fns: dict[str, Callable[[], object]] = {name: (lambda c=clf, x=x: c.infer(x)) for name, clf in classifiers.items()}
+            fns: dict[str, Callable[[], object]] = {name: (lambda c=clf, x=x: c.infer(x))
+                                                    for name, clf in classifiers.items()}
             _logger.info("batch %d: timing %s", batch, ", ".join(fns))
             timings[str(batch)] = interleaved(fns, batch, config)
         if files:

@@ -105,7 +105,8 @@ def resolve_backends(names: Sequence[str], files: Sequence[Mapping[str, Any]], *
             how = f"python -m tl_deploy.export {model_dir} {flags}".rstrip()
             if name.startswith("trt-"):
                 how += " on a machine with TensorRT and a CUDA GPU"
-            choices.append(BackendChoice(name, precision, skip_reason=f"not in the export folder (write it with {how})"))
+            choices.append(BackendChoice(name, precision,
+                                         skip_reason=f"not in the export folder (write it with {how})"))
             continue
         file = str(entry["file"])
         if entry.get("status", "ok") != "ok":
