@@ -100,17 +100,17 @@ def resolve_backends(names: Sequence[str], files: Sequence[Mapping[str, Any]], *
                                          else ""))
             continue
         precision, flags = EXPORT_BACKENDS[name]
-        entry = by_name.get(name)
-        if entry is None:
+        found = by_name.get(name)
+        if found is None:
             how = f"python -m tl_deploy.export {model_dir} {flags}".rstrip()
             if name.startswith("trt-"):
                 how += " on a machine with TensorRT and a CUDA GPU"
             choices.append(BackendChoice(name, precision,
                                          skip_reason=f"not in the export folder (write it with {how})"))
             continue
-        file = str(entry["file"])
-        if entry.get("status", "ok") != "ok":
-            reason = f"{file} has export status {entry.get('status')!r}"
+        file = str(found["file"])
+        if found.get("status", "ok") != "ok":
+            reason = f"{file} has export status {found.get('status')!r}"
         elif name.startswith("trt-") and tensorrt_problem:
             reason = f"{file}: {tensorrt_problem}"
         else:
