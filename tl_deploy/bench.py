@@ -149,6 +149,10 @@ def interleaved(fns: dict[str, Callable[[], object]], images_per_call: int, conf
     return out
 
 
+def _infer_call(clf: Classifier, batch: np.ndarray) -> Callable[[], object]:
+    return lambda: clf.infer(batch)
+
+
 def _batch_input(images: np.ndarray, batch: int) -> np.ndarray:
     """(batch, 3, H, W): the given images repeated to fill the batch."""
     reps = -(-batch // len(images))
@@ -240,8 +244,7 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
     try:
         for batch in config.batches:
             x = _batch_input(images, batch)
-            fns: dict[str, Callable[[], object]] = {name: (lambda c=clf, x=x: c.infer(x))
-                                                    for name, clf in classifiers.items()}
+            fns = {name: _infer_call(clf, x) for name, clf in classifiers.items()}
             _logger.info("batch %d: timing %s", batch, ", ".join(fns))
             timings[str(batch)] = interleaved(fns, batch, config)
         if files:

@@ -169,8 +169,8 @@ def compare_logits(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray
         failures.append(f"agreement {100 * metrics['agreement']:.2f}% < {tolerance.min_agreement:g}%")
     if -metrics["accuracy_delta_pt"] > tolerance.max_acc_drop + _EPS:
         failures.append(f"accuracy drop {-metrics['accuracy_delta_pt']:.2f} pt > {tolerance.max_acc_drop:g}")
-    disagreements = [{"path": paths[i], "label": class_names[labels[i]], "torch": class_names[ref_top1[i]],
-                      "backend": class_names[top1[i]]} for i in np.flatnonzero(top1 != ref_top1)]
+    disagreements = [{"path": paths[i], "label": class_names[int(labels[i])], "torch": class_names[int(ref_top1[i])],
+                      "backend": class_names[int(top1[i])]} for i in np.flatnonzero(top1 != ref_top1).tolist()]
     return metrics, failures, disagreements
 
 
@@ -344,9 +344,9 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
     preprocess_seconds = time.perf_counter() - start
     start = time.perf_counter()
     reference = reference_clf.infer(inputs[reference_clf.spec])  # (N, C)
-    reference_info = {"backend": "torch", "device": reference_clf.device,
-                      "accuracy": float((reference.argmax(1) == labels).mean()),
-                      "seconds": round(time.perf_counter() - start, 2)}
+    reference_info: dict[str, Any] = {"backend": "torch", "device": reference_clf.device,
+                                      "accuracy": float((reference.argmax(1) == labels).mean()),
+                                      "seconds": round(time.perf_counter() - start, 2)}
     _logger.info("torch reference: %d images, accuracy %.2f%% (%.1f s)", len(labels),
                  100 * reference_info["accuracy"], reference_info["seconds"])
 
