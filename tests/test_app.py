@@ -155,7 +155,8 @@ def test_model_card_shows_parity_report_when_present(app_export: Path, tmp_path:
     assert any("None next to this model" in c.value for c in at.caption)
     export = tmp_path / "export" / "copy"
     shutil.copytree(app_export, export)
-    (export / "parity.md").write_text("| backend | agreement |\n| --- | --- |\n| ONNX FP32 | 100% |\n")
+    report = tmp_path / "export" / "copy.parity-test.md"  # where python -m tl_deploy.parity writes it
+    report.write_text("| backend | agreement |\n| --- | --- |\n| ONNX FP32 | 100% |\n")
     monkeypatch.setenv(lib.MODEL_ENV, str(export))
     at = AppTest.from_file(str(SCRIPT), default_timeout=300).run()
     assert not at.exception

@@ -36,7 +36,6 @@ EXPORT_ROOT = Path("export")  # where `python -m tl_deploy.export` writes by def
 MODELS_ROOT = Path("models")  # where `python -m tl_deploy.finetune` writes by default
 EXPORT_MANIFEST = "export.json"
 ARTIFACT_CONFIG = "config.json"
-PARITY_FILES = ("parity.md", "parity.json")  # written next to an export by python -m tl_deploy.parity
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: a large photo; decoding more could exhaust the server's memory
@@ -351,6 +350,13 @@ class ModelCard:
     parity_path: Path | None = None
 
 
+def parity_report_files(export_dir: Path) -> list[Path]:
+    """Where ``python -m tl_deploy.parity`` writes its reports for this export (test split first)."""
+    from tl_deploy.parity import report_paths
+
+    return [path for split in ("test", "val") for path in reversed(report_paths(export_dir, split))]
+
+
 def read_model_card(model: str | os.PathLike[str]) -> ModelCard:
     """Architecture, training setup and metrics, export files and the parity report, where present."""
     model = Path(model)
@@ -362,13 +368,11 @@ def read_model_card(model: str | os.PathLike[str]) -> ModelCard:
         card.created = str(manifest.get("created", ""))
         card.architecture = str((manifest.get("source") or {}).get("architecture", ""))
         card.preprocess = dict((manifest.get("metadata") or {}).get("preprocess") or {})
-        folder = model
-        for name in PARITY_FILES:
-            path = folder / name
+        for path in parity_report_files(model):
             if not path.is_file():
                 continue
             card.parity_path = card.parity_path or path
-            if name.endswith(".md"):
+            if path.suffix == ".md":
                 card.parity_markdown = path.read_text(errors="replace")
             else:
                 try:
