@@ -189,8 +189,11 @@ def _collectives_worker(rank: int, port: int, data: str, cache: str) -> None:
     assert torch.equal(distributed.all_gather_cat(rows[distributed.shard(range(5), ctx)], ctx), rows)
     assert distributed.broadcast_tensor(rows if rank == 0 else None, ctx).equal(rows)
     # A failure on rank 0 stops every rank with the same message.
+    def fails() -> None:
+        raise TlDeployError("disk full on rank 0")
+
     try:
-        distributed.run_on_main(lambda: (_ for _ in ()).throw(TlDeployError("disk full on rank 0")), ctx)
+        distributed.run_on_main(fails, ctx)
         raise AssertionError("run_on_main did not raise")
     except TlDeployError as exc:
         assert "disk full on rank 0" in str(exc)
