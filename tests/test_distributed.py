@@ -35,7 +35,8 @@ def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
     """Deterministic, no augmentation, no dropout, frozen BatchNorm: the result cannot depend on the split
     of a global batch over processes, only on float summation order."""
     base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE, strategy="lp-ft",
-                       unfreeze=1, epochs=2, probe_epochs=3, batch_size=8, lr=1e-2, backbone_lr_mult=1.0, augment=False,
+                       unfreeze=1, epochs=2, probe_epochs=3, batch_size=8, lr=1e-2, backbone_lr_mult=1.0,
+                       augment=False,
                        drop_rate=0.0, bn="frozen", warmup_epochs=0.5, deterministic=True, out=str(out),
                        no_cache=True, workers=0)
     return replace(base, **overrides)  # type: ignore[arg-type]
@@ -43,7 +44,8 @@ def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
 
 def cli_args(cfg: TrainConfig) -> list[str]:
     args = ["--data", str(cfg.data), "--model", cfg.model, "--weights", cfg.weights, "--img-size", str(cfg.img_size),
-            "--strategy", cfg.strategy, "--unfreeze", str(cfg.unfreeze), "--epochs", str(cfg.epochs), "--probe-epochs", str(cfg.probe_epochs),
+            "--strategy", cfg.strategy, "--unfreeze", str(cfg.unfreeze), "--epochs", str(cfg.epochs),
+            "--probe-epochs", str(cfg.probe_epochs),
             "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--backbone-lr-mult", str(cfg.backbone_lr_mult),
             "--drop-rate", str(cfg.drop_rate), "--bn", cfg.bn, "--warmup-epochs", str(cfg.warmup_epochs),
             "--workers", "0", "--deterministic", "--no-augment", "--out", str(cfg.out)]
