@@ -33,9 +33,10 @@ class Checkpointer:
     checkpoint, never from a torn one.
     """
 
-    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, out: Path, fingerprint: dict[str, Any], writer: bool = True) -> None:
         self.dir = out.parent / f".{out.name}.checkpoint"
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.writer = writer  # False on every distributed rank but 0: one process writes
 
     @property
     def meta_file(self) -> Path:
@@ -44,6 +45,8 @@ class Checkpointer:
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              scheduler: torch.optim.lr_scheduler.LRScheduler | None, run_state: Any,
              best: dict[str, torch.Tensor] | None = None) -> None:
+        if not self.writer:
+            return
         payload = {
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -98,4 +101,5 @@ class Checkpointer:
         return loaded
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.dir, ignore_errors=True)

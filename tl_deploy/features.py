@@ -4,6 +4,9 @@ A linear probe trains only the head, so the backbone's pooled features of every 
 function of (model, weights, preprocessing, image bytes). They are computed once in eval mode with
 the deterministic eval transform and stored as safetensors, keyed by a hash of all four; later epochs
 (and later runs) train the head on the cache and never run the backbone again.
+
+Under torchrun each process computes the features of its block of the images; the blocks are gathered
+once, rank 0 writes the cache, and a cache hit read by rank 0 is broadcast to the other ranks.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tl_deploy import distributed
 from tl_deploy.data import ImageDataset, Sample, eval_transform
+from tl_deploy.distributed import SINGLE, DistContext
 from tl_deploy.fileio import atomic_path
-from tl_deploy.models import pooled_features
+from tl_deploy.models import feature_dim, pooled_features
 from tl_deploy.preprocess import PreprocessSpec
 
 _logger = logging.getLogger(__name__)
@@ -43,19 +48,20 @@ def cache_key(model_id: str, spec: PreprocessSpec, samples: Sequence[Sample]) ->
 @torch.no_grad()
 def compute_features(
     model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
-    batch_size: int = 128, workers: int = 0, desc: str = "features",
+    batch_size: int = 128, workers: int = 0, desc: str = "features", dist: DistContext = SINGLE,
 ) -> torch.Tensor:
-    """(N, D) pooled backbone features, eval mode, eval transform."""
+    """(N, D) pooled backbone features, eval mode, eval transform; sharded over the ranks and gathered."""
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ImageDataset(distributed.shard(samples, dist), eval_transform(spec)),
+                                         batch_size=batch_size, shuffle=False, num_workers=workers)
     chunks = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
         x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
         chunks.append(pooled_features(model, x).float().cpu())  # (B, D)
     model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    local = torch.cat(chunks) if chunks else torch.empty(0, feature_dim(model))  # (N / world, D)
+    return distributed.all_gather_cat(local, dist)  # (N, D), in the order of ``samples``
 
 
 @torch.no_grad()
@@ -73,7 +79,7 @@ def compute_activations(
     loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     chunks = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
         x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
         chunks.append(prefix(x).float())  # (B, C, h, w)
     prefix.train(was_training)
@@ -83,34 +89,44 @@ def compute_activations(
 def cached_features(
     model: nn.Module, model_id: str, samples: Sequence[Sample], spec: PreprocessSpec, *,
     device: torch.device, cache_dir: Path | None, batch_size: int = 128, workers: int = 0,
-    desc: str = "features", compute: Callable[[], torch.Tensor] | None = None,
+    desc: str = "features", compute: Callable[[], torch.Tensor] | None = None, dist: DistContext = SINGLE,
 ) -> torch.Tensor:
-    """Features from the on-disk cache, computing and storing them on a miss.
+    """Features from the on-disk cache, computing and storing them on a miss (rank 0 reads and writes).
 
     ``compute`` replaces the default computation (``compute_features``) on a miss, e.g. to derive
-    the features from prefix activations that are already in memory.
+    the features from prefix activations that are already in memory (every rank holds all of them).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     def run() -> torch.Tensor:
         if compute is not None:
             return compute()
         return compute_features(model, samples, spec, device=device, batch_size=batch_size,
-                                workers=workers, desc=desc)
+                                workers=workers, desc=desc, dist=dist)
 
     if cache_dir is None:
         return run()
-    key = cache_key(model_id, spec, samples)
-    path = cache_dir / "features" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            feats = load_file(str(path))["features"]
-            if feats.shape[0] == len(samples):
-                _logger.info("%s: %d cached features (%s)", desc, len(samples), path.name)
-                return feats
-        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            _logger.warning("ignoring unreadable feature cache %s (%s)", path, exc)
+    path = cache_dir / "features" / f"{cache_key(model_id, spec, samples)}.safetensors" if dist.is_main else None
+    feats = _read_cache(path, len(samples), desc) if path is not None else None
+    if distributed.broadcast_object(feats is not None, dist):
+        return distributed.broadcast_tensor(feats, dist)
     feats = run()
-    with atomic_path(path) as tmp:
-        save_file({"features": feats.contiguous()}, str(tmp))
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({"features": feats.contiguous()}, str(tmp))
     return feats
+
+
+def _read_cache(path: Path, num_samples: int, desc: str) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        feats = load_file(str(path))["features"]
+        if feats.shape[0] == num_samples:
+            _logger.info("%s: %d cached features (%s)", desc, num_samples, path.name)
+            return feats
+    except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+        _logger.warning("ignoring unreadable feature cache %s (%s)", path, exc)
+    return None

@@ -13,11 +13,15 @@ Strategies (the transfer-learning literature's names):
 
 When the first stages are frozen and augmentation is off, their output for each image is the same
 every epoch: it is computed once, kept in memory, and the epochs run only the layers that train.
+
+Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it trains with DistributedDataParallel
+(see tl_deploy/distributed.py); ``--batch-size`` stays the global batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tl_deploy import distributed
 from tl_deploy.artifact import Architecture, save_artifact
 from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import add_verbose, run_cli
@@ -47,6 +52,7 @@ from tl_deploy.data import (
     load_splits,
     train_transform,
 )
+from tl_deploy.distributed import SINGLE, DistContext
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
 from tl_deploy.features import cached_features, compute_activations
 from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
@@ -96,7 +102,9 @@ class TrainConfig:
     unfreeze: int | str = "auto"  # backbone stages that train, counted from the output: N, "all" or "auto"
     epochs: int = 2  # fine-tuning epochs (finetune, lp-ft, partial)
     probe_epochs: int = 20  # head epochs on cached features (linear, lp-ft); nearly free
-    batch_size: int = 32
+    batch_size: int = 32  # global: images per optimizer step over all processes and accumulation steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on each process (memory, not math)
+    sync_bn: bool = False  # distributed --bn train: batch statistics over all processes (CUDA only)
     img_size: int = 112  # network input side; 28 px silhouettes gain little beyond this
     crop_pct: float = 1.0  # resize shorter side to img_size / crop_pct, then center crop
     interpolation: str = "bilinear"
@@ -155,6 +163,11 @@ class TrainConfig:
             raise TlDeployError("Learning rates must be positive (and --backbone-lr-mult >= 0).")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise TlDeployError(f"Invalid --layer-decay {self.layer_decay}: choose a value in (0, 1].")
+        if self.grad_accum_steps < 1:
+            raise TlDeployError(f"Invalid --grad-accum-steps {self.grad_accum_steps}: must be >= 1.")
+        if self.sync_bn and self.bn == "frozen":
+            raise TlDeployError("--sync-bn synchronises batch statistics but --bn frozen uses none: "
+                                "add --bn train or drop --sync-bn.")
         if not (self.unfreeze in ("auto", "all") or str(self.unfreeze).isdigit()):
             raise TlDeployError(f"Invalid --unfreeze {self.unfreeze!r}: give a number of stages, all, or auto.")
 
@@ -279,8 +292,10 @@ class ActivationDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
 def make_loader(samples: Sequence[Sample], transform: Any, cfg: TrainConfig, *, train: bool, epoch: int,
                 workers: int, class_weights: torch.Tensor | None = None,
-                activations: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
-    """Loader whose shuffling depends only on (seed, epoch): resuming replays the same order.
+                activations: torch.Tensor | None = None,
+                dist: DistContext = SINGLE) -> torch.utils.data.DataLoader:
+    """Loader whose shuffling depends only on (seed, epoch): resuming replays the same order. A training
+    loader yields this process's micro-batches of a global order that is the same for any process count.
 
     With ``activations`` it serves those cached prefix outputs instead of decoding the images.
     """
@@ -291,12 +306,19 @@ def make_loader(samples: Sequence[Sample], transform: Any, cfg: TrainConfig, *, 
     else:
         dataset = ImageDataset(samples, transform)
     sampler: torch.utils.data.Sampler[int] | None = None
+    drop_last = train and len(samples) > cfg.batch_size
     if train and cfg.balance == "sampler" and class_weights is not None:
         per_sample = class_weights[torch.tensor(dataset.targets)]
         sampler = torch.utils.data.WeightedRandomSampler(per_sample.tolist(), len(samples), generator=generator)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    if sampler is not None:
+        sampler = distributed.ShardSampler(sampler, dist, drop_last)  # this rank's share of the shuffled order
+    batch_size = (distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum_steps, len(samples), dist)
+                  if train else cfg.batch_size)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        generator=generator, num_workers=workers, drop_last=train and len(samples) > cfg.batch_size,
+        dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
+        generator=generator, num_workers=workers, drop_last=drop_last,
         persistent_workers=False,
     )
 
@@ -357,8 +379,11 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> Any:
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module, device: torch.device,
                     amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, desc: str,
-                    freeze_bn: bool = False) -> tuple[float, float]:
-    """One pass over the loader; returns (mean loss, accuracy) on the augmented training images."""
+                    freeze_bn: bool = False, accum_steps: int = 1,
+                    dist: DistContext = SINGLE) -> tuple[float, float]:
+    """One pass over the loader; returns (mean loss, accuracy) on the augmented training images of all
+    processes. An optimizer step follows every ``accum_steps`` micro-batches (an incomplete last group is
+    skipped, as a single process drops an incomplete last batch)."""
     model.train()
     for module in frozen_modules(model):
         module.eval()  # frozen layers' BatchNorm keeps its running statistics
@@ -369,29 +394,37 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None)
-    for x, y in bar:
+    micro_batches = len(loader) // accum_steps * accum_steps
+    bar = tqdm(itertools.islice(loader, micro_batches), total=micro_batches, desc=desc, leave=False,
+               disable=distributed.tqdm_disable())
+    for i, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
         y = y.to(device, non_blocking=True)  # (B,)
-        with _autocast(device, amp):
-            logits = model(x)  # (B, C)
-            loss = criterion(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise TlDeployError(f"Training diverged (loss {loss.item()}): lower --lr or disable --amp.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+        step = (i + 1) % accum_steps == 0  # last micro-batch of an optimizer step: DDP all-reduces now
+        with distributed.no_sync(model, step):
+            with _autocast(device, amp):
+                logits = model(x)  # (B, C)
+                loss = criterion(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TlDeployError(f"Training diverged (loss {loss.item()}): lower --lr or disable --amp.")
+            if i % accum_steps == 0:
+                optimizer.zero_grad(set_to_none=True)
+            # Mean over the micro-batch / accum_steps, then DDP's mean over processes: the global batch mean.
+            scaled = loss / accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if step:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return total_loss / max(1, seen), correct / max(1, seen)
+    loss_sum, correct_sum, count = distributed.all_reduce_sum([total_loss, correct, seen], dist)
+    return loss_sum / max(1, count), correct_sum / max(1, count)
 
 
 @torch.no_grad()
@@ -400,7 +433,7 @@ def predict_logits(model: nn.Module, loader: torch.utils.data.DataLoader, device
     """(N, C) float32 logits and (N,) labels, eval mode."""
     model.eval()
     all_logits, all_labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             all_logits.append(model(x).float().cpu())
@@ -415,10 +448,14 @@ def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> C
 
 def evaluate(model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, cfg: TrainConfig,
              device: torch.device, amp: torch.dtype | None, workers: int, num_classes: int,
-             desc: str = "eval") -> ClassificationResult:
-    loader = make_loader(samples, eval_transform(spec), cfg, train=False, epoch=0, workers=workers)
-    logits, labels = predict_logits(model, loader, device, amp, desc)
-    return summarize(logits, labels, num_classes)
+             desc: str = "eval", dist: DistContext = SINGLE) -> ClassificationResult:
+    """Metrics of the whole split: each rank predicts its block, the logits are gathered on every rank.
+    ``model`` is the plain module, not the DDP wrapper (ranks run different numbers of batches)."""
+    part = distributed.shard(samples, dist)
+    loader = make_loader(part, eval_transform(spec), cfg, train=False, epoch=0, workers=workers)
+    logits, labels = (predict_logits(model, loader, device, amp, desc) if part
+                      else (torch.empty(0, num_classes), torch.empty(0, dtype=torch.int64)))
+    return summarize(distributed.all_gather_cat(logits, dist), distributed.all_gather_cat(labels, dist), num_classes)
 
 
 # ----------------------------------------------------------------------------- frozen-stage cache
@@ -517,16 +554,23 @@ def run_name(cfg: TrainConfig, data_dir: Path) -> str:
 
 
 def fit(cfg: TrainConfig) -> Path:
-    """Run fine-tuning end to end; returns the artifact folder."""
+    """Run fine-tuning end to end; returns the artifact folder. Under torchrun every process calls it
+    and rank 0 alone writes the artifact."""
     cfg.validate()
+    with distributed.process_group(resolve_device(cfg.device)) as dist:
+        return _fit(cfg, dist)
+
+
+def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = dist.device
     amp = resolve_amp(cfg.amp, device)
     seed_everything(cfg.seed, cfg.deterministic)
     check_model_name(cfg.model)
-    data_dir = resolve_data(cfg)
+    with distributed.local_main_first(dist):  # one process per node prepares the embedded data
+        data_dir = resolve_data(cfg)
     out = Path(cfg.out) if cfg.out else Path("models") / run_name(cfg, data_dir)
-    check_output_writable(out)
+    distributed.run_on_main(lambda: check_output_writable(out), dist)
 
     splits: Splits = load_splits(data_dir, cfg.val_split, cfg.seed, on_bad_image=cfg.on_bad_image)
     train_samples = splits.train
@@ -541,9 +585,9 @@ def fit(cfg: TrainConfig) -> Path:
 
     model = create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits))
+    ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits), writer=dist.is_main)
     state = RunState()
-    loaded: dict[str, Any] | None = ckpt.load() if cfg.resume else None
+    loaded: dict[str, Any] | None = distributed.run_on_main(ckpt.load, dist) if cfg.resume else None
     if cfg.resume:
         if loaded is None:
             _logger.info("no checkpoint for %s yet: starting from the beginning", out)
@@ -572,7 +616,7 @@ def fit(cfg: TrainConfig) -> Path:
                     return suffix_features(suffix, a, max(cfg.batch_size, 128))
             feats[name] = cached_features(model, model_id, samples, spec, device=device, cache_dir=cache_dir,
                                           batch_size=max(cfg.batch_size, 128), workers=workers,
-                                          desc=f"{name} features", compute=from_acts)
+                                          desc=f"{name} features", compute=from_acts, dist=dist)
         labels = {name: torch.tensor([lbl for _, lbl in s])
                   for name, s in (("train", train_samples), ("val", splits.val))}
         head = model.get_classifier()  # type: ignore[operator]
@@ -580,20 +624,21 @@ def fit(cfg: TrainConfig) -> Path:
             raise ModelError(f"{cfg.model}'s classifier is {type(head).__name__}, not Linear: use --strategy finetune.")
         head.float().cpu()
         train_probe(head, feats["train"], labels["train"], feats["val"], labels["val"], cfg, class_weights, state)
+        distributed.broadcast_module(head, dist)  # every rank trained the same head; rank 0's is kept
         head.to(device)
         state.phase, state.epoch = "finetune", 0
         ckpt.save(model, None, None, state)
 
     if cfg.strategy in ("finetune", "lp-ft", "partial"):
         run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
-                     loaded, split=split, acts=acts)
+                     loaded, split=split, acts=acts, dist=dist)
     val_acts = acts.pop("val", None)
     acts.clear()
 
     model.eval()
     eval_split = "test" if splits.test else "val"
     result = evaluate(model, splits.get(eval_split), spec, cfg, device, amp=None, workers=workers,
-                      num_classes=num_classes, desc=f"{eval_split} eval")
+                      num_classes=num_classes, desc=f"{eval_split} eval", dist=dist)
     if eval_split == "val":
         val_result = result
     elif split is not None and val_acts is not None:  # the frozen stages' val outputs are still in memory
@@ -601,7 +646,7 @@ def fit(cfg: TrainConfig) -> Path:
         val_result = summarize(*predict_logits(split[1], loader, device, None, desc="val eval"), num_classes)
     else:
         val_result = evaluate(model, splits.val, spec, cfg, device, amp=None, workers=workers,
-                              num_classes=num_classes, desc="val eval")
+                              num_classes=num_classes, desc="val eval", dist=dist)
     del val_acts
     elapsed = time.perf_counter() - start
     last_train: dict[str, Any] = state.history[-1] if state.history else {}
@@ -619,10 +664,14 @@ def fit(cfg: TrainConfig) -> Path:
     }
     trained = cfg.stages_to_train()
     training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
-                "workers_used": workers, "stages_trained": "all" if trained is None else trained,
+                "workers_used": workers, "world_size": dist.world_size,
+                "stages_trained": "all" if trained is None else trained,
                 "frozen_stage_cache": split is not None, "train_images": len(train_samples),
                 "val_images": len(splits.val), "test_images": len(splits.test),
                 "skipped_images": [str(b) for b in splits.skipped]}
+    if not dist.is_main:
+        distributed.barrier(dist)  # returns once rank 0 has written the artifact
+        return out
     extra = {"curves.png": curves_png(state.history),
              "confusion.png": confusion_png(result.confusion, splits.class_names, f"{eval_split} confusion")}
     model.cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -630,6 +679,7 @@ def fit(cfg: TrainConfig) -> Path:
     path = save_artifact(out, model, architecture=arch, class_names=splits.class_names, spec=spec,
                          training=training, metrics=metrics, extra_files=extra)
     ckpt.clear()
+    distributed.barrier(dist)
     print(format_result(result, splits.class_names, eval_split))
     print(f"{eval_split} accuracy {result.accuracy * 100:.2f}% | val {val_result.accuracy * 100:.2f}% | "
           f"{elapsed:.0f}s | artifact {path}")
@@ -640,7 +690,7 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
                  spec: PreprocessSpec, device: torch.device, amp: torch.dtype | None, workers: int,
                  class_weights: torch.Tensor, state: RunState, ckpt: Checkpointer,
                  resumed_from: dict[str, Any] | None, split: tuple[nn.Module, StageSuffix] | None = None,
-                 acts: dict[str, torch.Tensor] | None = None) -> None:
+                 acts: dict[str, torch.Tensor] | None = None, dist: DistContext = SINGLE) -> None:
     """Train the unfrozen layers for ``cfg.epochs`` with warm-up + cosine; keep the best val epoch.
 
     With ``split`` and ``acts`` (cached outputs of the frozen first stages for train and val), the
@@ -649,8 +699,10 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
     set_trainable(model, cfg.stages_to_train())
     net: nn.Module = model if split is None or acts is None else split[1]
     cached = acts if split is not None and acts is not None else {}
+    train_model = distributed.data_parallel(net, dist, sync_bn=cfg.sync_bn)  # after freezing
     optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
-    steps_per_epoch = len(make_loader(train_samples, None, cfg, train=True, epoch=0, workers=0))
+    steps_per_epoch = len(make_loader(train_samples, None, cfg, train=True, epoch=0, workers=0,
+                                      dist=dist)) // cfg.grad_accum_steps
     total = cfg.epochs * steps_per_epoch
     scheduler = warmup_cosine(optimizer, total, int(cfg.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -665,17 +717,21 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
     start_epoch = state.epoch if state.phase == "finetune" else 0
     state.phase = "finetune"
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + 7919 * (epoch + 1))  # augmentation + dropout per epoch
+        # Augmentation + dropout per epoch; each rank draws its own.
+        torch.manual_seed(cfg.seed * 100_003 + 7919 * (epoch + 1) + dist.rank)
         t0 = time.perf_counter()
         loader = make_loader(train_samples, transform, cfg, train=True, epoch=epoch, workers=workers,
-                             class_weights=class_weights, activations=cached.get("train"))
-        train_loss, train_acc = train_one_epoch(net, loader, optimizer, scheduler, criterion, device, amp, scaler,
-                                                desc=f"epoch {epoch + 1}/{cfg.epochs}", freeze_bn=cfg.bn == "frozen")
+                             class_weights=class_weights, activations=cached.get("train"), dist=dist)
+        train_loss, train_acc = train_one_epoch(train_model, loader, optimizer, scheduler, criterion, device, amp,
+                                                scaler, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                freeze_bn=cfg.bn == "frozen", accum_steps=cfg.grad_accum_steps,
+                                                dist=dist)
         if cached:
             val_loader = make_loader(splits.val, None, cfg, train=False, epoch=0, workers=0, activations=cached["val"])
             val = summarize(*predict_logits(net, val_loader, device, amp, desc="val"), len(splits.class_names))
         else:
-            val = evaluate(model, splits.val, spec, cfg, device, amp, workers, len(splits.class_names), desc="val")
+            val = evaluate(model, splits.val, spec, cfg, device, amp, workers, len(splits.class_names), desc="val",
+                           dist=dist)
         row = {"phase": "finetune", "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.perf_counter() - t0, 1),
                "lr": max(g["lr"] for g in optimizer.param_groups)}
@@ -700,7 +756,9 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
 
 def _fingerprint(cfg: TrainConfig, splits: Splits) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device", "cache_dir", "no_cache")}
+    # The process count and --grad-accum-steps do not change the math: a run may resume on other hardware.
+    skip = ("resume", "workers", "device", "cache_dir", "no_cache", "grad_accum_steps")
+    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return {"config": keep, "classes": splits.class_names, "train": len(splits.train), "val": len(splits.val)}
 
 
@@ -761,6 +819,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="artifact folder (default: models/<run-name>)")
     g.add_argument("--name", help="run name (default: <data>-<model>-<strategy>)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    g = p.add_argument_group("distributed (torchrun --nproc_per_node N -m tl_deploy.finetune ...)")
+    g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps, metavar="K",
+                   help="micro-batches per optimizer step on each process; --batch-size stays the global batch")
+    g.add_argument("--sync-bn", action="store_true", help="with --bn train: BatchNorm statistics over all "
+                                                          "processes (SyncBatchNorm, CUDA only)")
     add_verbose(p)
     return p
 
