@@ -93,7 +93,8 @@ def test_two_gloo_processes_match_one_process(single: Path, tiny_data: Path, tmp
 
     metrics = json.loads((out / "metrics.json").read_text())
     reference = json.loads((single / "metrics.json").read_text())
-    assert sum(metrics["splits"]["test"]["support"]) == 24  # the whole split, gathered from both ranks
+    assert metrics["splits"]["test"]["count"] == 24  # the whole split, gathered from both ranks
+    assert sum(map(sum, metrics["splits"]["test"]["confusion_matrix"])) == 24
     assert metrics["test_acc"] == reference["test_acc"]
     assert [h["phase"] for h in metrics["history"]] == [h["phase"] for h in reference["history"]]
     for ours, theirs in zip(metrics["history"], reference["history"]):

@@ -134,6 +134,10 @@ class TrainConfig:
     resume: bool = False
     on_bad_image: str = "fail"  # fail: refuse a dataset with bad files, naming them; skip: train without them
 
+    def __post_init__(self) -> None:
+        if isinstance(self.unfreeze, str) and self.unfreeze.isdigit():  # "4" from the CLI is the same run as 4
+            object.__setattr__(self, "unfreeze", int(self.unfreeze))
+
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
