@@ -40,6 +40,7 @@ from tqdm import tqdm
 from tl_deploy.artifact import Architecture, save_artifact
 from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.da import DA_METHODS, DomainAdapter, cycle, target_test_samples, unlabeled_samples
 from tl_deploy.data import (
     ON_BAD_IMAGE,
     ImageDataset,
