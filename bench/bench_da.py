@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=50)
     p.add_argument("--strategy", default="lp-ft")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--opt", default="adamw")
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--da-weight", type=float, default=1.0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest when the cores are shared)")
     p.add_argument("--out", default="/tmp/tl_deploy-bench-da")
@@ -77,6 +79,7 @@ def main() -> None:
             da = None if method == "source-only" else method
             cfg = TrainConfig(data=str(source), strategy=args.strategy, epochs=args.epochs, img_size=args.img_size,
                               limit_per_class=args.limit_per_class, seed=seed, da=da, da_weight=args.da_weight,
+                              optimizer=args.opt, lr=args.lr,
                               target_unlabeled=str(target), out=f"{args.out}/runs/{method}-{seed}")
             t0 = time.perf_counter()
             metrics = json.loads((fit(cfg) / "metrics.json").read_text())
@@ -85,7 +88,7 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(runs[-1]), flush=True)
     wall = time.perf_counter() - start
-    print(f"\n{args.seeds} seeds, {args.strategy}, {args.epochs} epochs, {args.img_size} px, "
+    print(f"\n{args.seeds} seeds, {args.strategy}, {args.epochs} epochs, {args.opt} lr {args.lr}, {args.img_size} px, "
           f"{args.limit_per_class} labelled source images per class, {args.target_per_class} unlabelled target "
           f"images per class, {args.test_per_class} test images per class, da weight {args.da_weight}; "
           f"wall {wall:.0f} s")

@@ -57,25 +57,47 @@ def test_losses_refuse_single_sample_batches() -> None:
         coral(torch.randn(4, 3), torch.randn(1, 3))
 
 
-def test_dann_adapter_trains_the_discriminator_against_the_features() -> None:
-    torch.manual_seed(0)
-    features = torch.nn.Linear(6, 4)
-    model = torch.nn.Module()
-    target = iter([torch.randn(5, 6)])
-    adapter = DomainAdapter("dann", 4, 1.0, target, total_steps=10)
-    adapter.steps_done = 10  # full reversal
-    model.get_classifier = lambda: torch.nn.Identity()  # type: ignore[assignment]
-    import tl_deploy.da as da
+class _TinyNet(torch.nn.Module):
+    """timm's interface in miniature: forward_features, forward_head(pre_logits), get_classifier."""
 
-    real = da.pooled_features
-    da.pooled_features = lambda m, x: features(x.flatten(1))  # type: ignore[assignment]
-    try:
-        _, loss = adapter(model, torch.randn(5, 6))
-    finally:
-        da.pooled_features = real  # type: ignore[assignment]
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        return pooled if pre_logits else self.fc(pooled)
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+
+def test_dann_adapter_reverses_the_domain_gradient_into_the_backbone() -> None:
+    torch.manual_seed(0)
+    net = _TinyNet()
+    source, target = torch.randn(6, 3, 4, 4), torch.randn(5, 3, 4, 4) + 1.0
+    adapter = DomainAdapter("dann", 4, 1.0, iter([target]), total_steps=10).eval()  # eval: no dropout
+    adapter.steps_done = 10
+    logits, loss = adapter(net, source)
+    assert logits.shape == (6, 3)
     loss.backward()
-    disc_grad = adapter.discriminator.net[0].weight.grad  # type: ignore[union-attr,index]
-    assert disc_grad is not None and features.weight.grad is not None and loss.item() > 0
+    reversed_grad = net.conv.weight.grad.clone()  # type: ignore[union-attr]
+    disc = adapter.discriminator
+    assert disc is not None
+    disc_grad = disc.net[0].weight.grad.clone()  # type: ignore[union-attr]
+
+    net.zero_grad()
+    disc.zero_grad()
+    feats = torch.cat([net.forward_head(net.forward_features(x), pre_logits=True) for x in (source, target)])
+    is_source = torch.cat([torch.ones(6), torch.zeros(5)])
+    torch.nn.functional.binary_cross_entropy_with_logits(disc(feats), is_source).backward()
+    coeff = dann_coefficient(1.0)
+    assert torch.allclose(reversed_grad, -coeff * net.conv.weight.grad, atol=1e-6)  # type: ignore[operator]
+    assert torch.allclose(disc_grad, disc.net[0].weight.grad, atol=1e-6)  # type: ignore[arg-type,union-attr]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +140,7 @@ def test_unlabeled_samples_reads_train_or_flat_folder(target_dir: Path, tmp_path
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--da", "dann"], "--da and --target-unlabeled go together"),
+    (["--da", "dann"], "--da dann needs --target-unlabeled DIR"),
     (["--da", "mmd", "--target-unlabeled", "T", "--strategy", "linear"], "--strategy linear keeps frozen"),
 ])
 def test_cli_refuses_bad_da_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],

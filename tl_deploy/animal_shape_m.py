@@ -59,8 +59,8 @@ def load_photos(names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
             image = np.asarray(getattr(skimage.data, name)())
         except Exception as exc:  # a missing or download-only image in this scikit-image version
             raise DataError(
-                f"scikit-image {skimage.__version__} cannot provide the photo {name!r} offline ({exc}); "
-                "install scikit-image>=0.22"
+                f"scikit-image {getattr(skimage, '__version__', '?')} cannot provide the photo {name!r} offline "
+                f"({exc}); install scikit-image>=0.22"
             ) from exc
         if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
             raise DataError(f"skimage.data.{name} is {image.shape} {image.dtype}, expected an RGB uint8 photo")
@@ -77,7 +77,7 @@ def blend_with_photos(silhouettes: np.ndarray, photos: list[np.ndarray], seed: i
     which = rng.integers(0, len(photos), size=n)
     out = np.empty((n, h, w, 3), dtype=np.uint8)
     for i in range(n):
-        photo = photos[which[i]]
+        photo = photos[int(which[i])]
         top = int(rng.integers(0, photo.shape[0] - h + 1))
         left = int(rng.integers(0, photo.shape[1] - w + 1))
         patch = photo[top:top + h, left:left + w].astype(np.int16)  # (H, W, 3)
@@ -129,7 +129,7 @@ def prepare_animal_shape_m(
         "license": "MIT (silhouettes); photographs: see scikit-image's data/README",
         "source": source,
         "photos_sha256": _photos_sha256(photos),
-        "scikit_image": skimage.__version__,
+        "scikit_image": getattr(skimage, "__version__", "unknown"),
     }
     return write_image_folder(blended, labels, ANIMAL_SHAPE_CLASSES, out, seed=seed, val_fraction=val_fraction,
                               test_fraction=test_fraction, info=info, force=True)

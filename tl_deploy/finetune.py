@@ -135,7 +135,7 @@ class TrainConfig:
     fusion_levels: int = DEFAULT_FUSION_LEVELS  # attention-fusion: final features + the last N-1 stages
     fusion_dim: int = DEFAULT_FUSION_DIM
     channel_attention: bool = True  # attention-fusion: squeeze-and-excitation on the fused vector
-    target_unlabeled: str | None = None  # unlabelled target-domain images for --da
+    target_unlabeled: str | None = None  # target images for --da; a labelled test/ there is scored after training
     da: str | None = None  # dann | mmd | coral (tl_deploy.da)
     da_weight: float = 1.0  # weight of the alignment loss against the source classification loss
 
@@ -184,9 +184,8 @@ class TrainConfig:
             raise TlDeployError(f"Invalid --head {self.head!r}. Only {', '.join(HEADS)} are supported.")
         if self.da is not None and self.da not in DA_METHODS:
             raise TlDeployError(f"Invalid --da {self.da!r}. Only {', '.join(DA_METHODS)} are supported.")
-        if (self.da is None) != (self.target_unlabeled is None):
-            raise TlDeployError("--da and --target-unlabeled go together: pass both (method and target images) "
-                                "or neither.")
+        if self.da is not None and self.target_unlabeled is None:
+            raise TlDeployError(f"--da {self.da} needs --target-unlabeled DIR (target-domain images).")
         if self.da is not None and self.strategy == "linear":
             raise TlDeployError("--da adapts the backbone, which --strategy linear keeps frozen: use --strategy "
                                 "finetune, lp-ft or partial.")
@@ -848,7 +847,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="attention-fusion: no channel attention on the fused vector")
     g = p.add_argument_group("unsupervised domain adaptation")
     g.add_argument("--target-unlabeled", metavar="DIR",
-                   help="target-domain images without labels (DIR/train/** if present, else DIR/**)")
+                   help="target-domain images without labels (DIR/train/** if present, else DIR/**); a labelled "
+                        "DIR/test/ is scored after training, also without --da (the source-only baseline)")
     g.add_argument("--da", choices=DA_METHODS, help="alignment loss: dann, mmd or coral")
     g.add_argument("--da-weight", type=float, default=d.da_weight, help="weight of the alignment loss")
     g = p.add_argument_group("strategy and schedule")
