@@ -109,7 +109,7 @@ class CurveConfig:
         weights = "none" if scratch else self.weights
         return TrainConfig(data=self.data, model=self.model, weights=weights, img_size=self.img_size,
                            batch_size=self.batch_size, lr=self.scratch_lr if scratch else self.lr,
-                           optimizer="adamw" if scratch else self.optimizer,
+                           optimizer="adamw" if scratch else self.optimizer, augment=True,
                            backbone_lr_mult=1.0 if scratch else self.backbone_lr_mult, bn="train" if scratch else
                            "frozen", seed=seed, head=head, workers=0, device=self.device, cache_dir=self.cache_dir)
 
