@@ -79,7 +79,7 @@ def main() -> None:
             da = None if method == "source-only" else method
             cfg = TrainConfig(data=str(source), strategy=args.strategy, epochs=args.epochs, img_size=args.img_size,
                               limit_per_class=args.limit_per_class, seed=seed, da=da, da_weight=args.da_weight,
-                              optimizer=args.opt, lr=args.lr,
+                              optimizer=args.opt, lr=args.lr, unfreeze="all", augment=True,
                               target_unlabeled=str(target), out=f"{args.out}/runs/{method}-{seed}")
             t0 = time.perf_counter()
             metrics = json.loads((fit(cfg) / "metrics.json").read_text())

@@ -52,7 +52,6 @@ from tl_deploy.data import (
     train_transform,
 )
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
-from tl_deploy.da import DA_METHODS, DomainAdapter, cycle, target_test_samples, unlabeled_samples
 from tl_deploy.features import cached_features, compute_activations
 from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
 from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS, create_fusion_model
