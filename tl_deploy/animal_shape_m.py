@@ -74,10 +74,10 @@ def blend_with_photos(silhouettes: np.ndarray, photos: list[np.ndarray], seed: i
         raise DataError(f"silhouettes must be (N, H, W) uint8, got {silhouettes.shape} {silhouettes.dtype}")
     n, h, w = silhouettes.shape
     rng = np.random.default_rng(seed)
-    which = rng.integers(0, len(photos), size=n)
+    which = [int(k) for k in rng.integers(0, len(photos), size=(n,))]
     out = np.empty((n, h, w, 3), dtype=np.uint8)
     for i in range(n):
-        photo = photos[int(which[i])]
+        photo = photos[which[i]]
         top = int(rng.integers(0, photo.shape[0] - h + 1))
         left = int(rng.integers(0, photo.shape[1] - w + 1))
         patch = photo[top:top + h, left:left + w].astype(np.int16)  # (H, W, 3)
