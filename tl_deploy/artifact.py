@@ -59,12 +59,25 @@ class Architecture:
 
     name: str  # timm model name
     num_classes: int
-    head: str = "linear"  # classifier head kind
+    head: str = "linear"  # classifier head kind: linear | attention-fusion
     drop_rate: float = 0.2  # dropout before the classifier (training only)
+    fusion_levels: int = 0  # attention-fusion: backbone levels fused (0 for a linear head)
+    fusion_dim: int = 0  # attention-fusion: common width of the projected levels
+    channel_attention: bool = False  # attention-fusion: squeeze-and-excitation on the fused vector
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "num_classes": self.num_classes, "head": self.head,
-                "drop_rate": self.drop_rate}
+        out: dict[str, Any] = {"name": self.name, "num_classes": self.num_classes, "head": self.head,
+                               "drop_rate": self.drop_rate}
+        if self.head != "linear":
+            out.update(fusion_levels=self.fusion_levels, fusion_dim=self.fusion_dim,
+                       channel_attention=self.channel_attention)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Architecture:
+        return cls(name=str(d["name"]), num_classes=int(d["num_classes"]), head=str(d.get("head", "linear")),
+                   drop_rate=float(d.get("drop_rate", 0.0)), fusion_levels=int(d.get("fusion_levels", 0)),
+                   fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)))
 
 
 @dataclass
@@ -93,10 +106,15 @@ class Artifact:
 
 def build_model(arch: Architecture) -> nn.Module:
     """An untrained network of the artifact's architecture (weights come from the artifact)."""
+    from tl_deploy.heads import HEADS, create_fusion_model
     from tl_deploy.models import create_model
 
+    if arch.head == "attention-fusion":
+        return create_fusion_model(arch.name, arch.num_classes, weights="none", drop_rate=arch.drop_rate,
+                                   levels=arch.fusion_levels, dim=arch.fusion_dim,
+                                   channel_attention=arch.channel_attention)
     if arch.head != "linear":
-        raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows 'linear'.")
+        raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows {', '.join(HEADS)}.")
     return create_model(arch.name, num_classes=arch.num_classes, weights="none", drop_rate=arch.drop_rate)
 
 
@@ -206,11 +224,7 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     else:
         checksum = sha256_file(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else ""
     try:
-        arch_cfg = config["architecture"]
-        arch = Architecture(
-            name=str(arch_cfg["name"]), num_classes=int(arch_cfg["num_classes"]),
-            head=str(arch_cfg.get("head", "linear")), drop_rate=float(arch_cfg.get("drop_rate", 0.0)),
-        )
+        arch = Architecture.from_dict(config["architecture"])
         if not isinstance(config["class_names"], list):
             raise TypeError("class_names is not a list")
         class_names = [str(c) for c in config["class_names"]]

@@ -290,10 +290,11 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
-    if images.ndim != 3 or images.dtype != np.uint8:
+    rgb = images.ndim == 4 and images.shape[-1] == 3
+    if not (images.ndim == 3 or rgb) or images.dtype != np.uint8:
         raise DataError(
-            f"images must be (N, H, W) uint8 grayscale, got {images.shape} {images.dtype}; "
-            "convert them before writing"
+            f"images must be (N, H, W) uint8 grayscale or (N, H, W, 3) uint8 RGB, got {images.shape} "
+            f"{images.dtype}; convert them before writing"
         )
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
@@ -456,7 +457,7 @@ def write_image_folder(
             **dict(info or {}),
             **key,
             "image_size": [int(images.shape[1]), int(images.shape[2])],
-            "image_mode": "L",
+            "image_mode": "RGB" if images.ndim == 4 else "L",
             "counts": counts,
             "total": len(labels),
         }
@@ -532,8 +533,25 @@ class PrepareFn(Protocol):
     ) -> Path: ...
 
 
+def _prepare_animal_shape_m(
+    out: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    wheel: Path | None = None,
+    cache_dir: Path | None = None,
+    force: bool = False,
+) -> Path:
+    from tl_deploy.animal_shape_m import prepare_animal_shape_m
+
+    return prepare_animal_shape_m(out, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                  wheel=wheel, cache_dir=cache_dir, force=force)
+
+
 DATASETS: dict[str, PrepareFn] = {
     "animal-shape": prepare_animal_shape,
+    "animal-shape-m": _prepare_animal_shape_m,  # domain-adaptation target (tl_deploy.animal_shape_m)
 }
 
 

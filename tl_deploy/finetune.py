@@ -16,6 +16,9 @@ every epoch: it is computed once, kept in memory, and the epochs run only the la
 
 Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it trains with DistributedDataParallel
 (see tl_deploy/distributed.py); ``--batch-size`` stays the global batch.
+
+``--head attention-fusion`` fuses several backbone depths (tl_deploy.heads); ``--target-unlabeled DIR
+--da {dann,mmd,coral}`` adds unsupervised domain adaptation to the fine-tuning phase (tl_deploy.da).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tl_deploy import distributed
 from tl_deploy.artifact import Architecture, save_artifact
 from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.da import DA_METHODS, DomainAdapter, cycle, target_test_samples, unlabeled_samples
 from tl_deploy.data import (
     ON_BAD_IMAGE,
     ImageDataset,
@@ -56,6 +60,7 @@ from tl_deploy.distributed import SINGLE, DistContext
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
 from tl_deploy.features import cached_features, compute_activations
 from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
+from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS, create_fusion_model
 from tl_deploy.models import (
     DEFAULT_MODEL,
     EMBEDDED_WEIGHTS,
@@ -133,12 +138,20 @@ class TrainConfig:
     name: str | None = None
     resume: bool = False
     on_bad_image: str = "fail"  # fail: refuse a dataset with bad files, naming them; skip: train without them
+    head: str = "linear"  # linear | attention-fusion (tl_deploy.heads)
+    fusion_levels: int = DEFAULT_FUSION_LEVELS  # attention-fusion: final features + the last N-1 stages
+    fusion_dim: int = DEFAULT_FUSION_DIM
+    channel_attention: bool = True  # attention-fusion: squeeze-and-excitation on the fused vector
+    target_unlabeled: str | None = None  # target images for --da; a labelled test/ there is scored after training
+    da: str | None = None  # dann | mmd | coral (tl_deploy.da)
+    da_weight: float = 1.0  # weight of the alignment loss against the source classification loss
 
     def __post_init__(self) -> None:
         if isinstance(self.unfreeze, str) and self.unfreeze.isdigit():  # "4" from the CLI is the same run as 4
             object.__setattr__(self, "unfreeze", int(self.unfreeze))
 
     def validate(self) -> None:
+        self.validate_transfer()
         if self.strategy not in STRATEGIES:
             raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
         if self.optimizer not in OPTIMIZERS:
@@ -180,6 +193,25 @@ class TrainConfig:
         if self.unfreeze == "auto":
             return DEFAULT_UNFREEZE.get(self.strategy)
         return None if self.unfreeze == "all" else int(self.unfreeze)
+
+    def validate_transfer(self) -> None:
+        """Head and domain-adaptation options."""
+        if self.head not in HEADS:
+            raise TlDeployError(f"Invalid --head {self.head!r}. Only {', '.join(HEADS)} are supported.")
+        if self.da is not None and self.da not in DA_METHODS:
+            raise TlDeployError(f"Invalid --da {self.da!r}. Only {', '.join(DA_METHODS)} are supported.")
+        if self.da is not None and self.target_unlabeled is None:
+            raise TlDeployError(f"--da {self.da} needs --target-unlabeled DIR (target-domain images).")
+        if self.da is not None and self.strategy == "linear":
+            raise TlDeployError("--da adapts the backbone, which --strategy linear keeps frozen: use --strategy "
+                                "finetune, lp-ft or partial.")
+        if self.da is not None and self.resume:
+            raise TlDeployError("--resume is not supported with --da yet (the discriminator is not checkpointed): "
+                                "drop --resume.")
+        if self.da_weight < 0:
+            raise TlDeployError(f"Invalid --da-weight {self.da_weight}: must be >= 0.")
+        if self.fusion_dim < 1:
+            raise TlDeployError(f"Invalid --fusion-dim {self.fusion_dim}: must be >= 1.")
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec.for_size(self.img_size, self.crop_pct, interpolation=self.interpolation)
@@ -268,6 +300,30 @@ def weights_identity(cfg: TrainConfig) -> str:
 
         return f"{cfg.model}:hub:timm-{timm.__version__}"
     return f"{cfg.model}:file:{sha256_file(cfg.weights)}"
+
+
+def features_identity(cfg: TrainConfig) -> str:
+    """Feature-cache key part: the starting weights plus which features the head reads."""
+    if cfg.head == "linear":
+        return weights_identity(cfg)
+    return f"{weights_identity(cfg)}|{cfg.head}:{cfg.fusion_levels}"
+
+
+def build_network(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The backbone with the chosen head, starting weights loaded."""
+    if cfg.head == "attention-fusion":
+        return create_fusion_model(cfg.model, num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate,
+                                   levels=cfg.fusion_levels, dim=cfg.fusion_dim,
+                                   channel_attention=cfg.channel_attention)
+    return create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
+
+
+def architecture(cfg: TrainConfig, num_classes: int) -> Architecture:
+    if cfg.head == "attention-fusion":
+        return Architecture(name=cfg.model, num_classes=num_classes, head=cfg.head, drop_rate=cfg.drop_rate,
+                            fusion_levels=cfg.fusion_levels, fusion_dim=cfg.fusion_dim,
+                            channel_attention=cfg.channel_attention)
+    return Architecture(name=cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,11 +439,12 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> Any:
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module, device: torch.device,
                     amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, desc: str,
-                    freeze_bn: bool = False, accum_steps: int = 1,
-                    dist: DistContext = SINGLE) -> tuple[float, float]:
+                    freeze_bn: bool = False, accum_steps: int = 1, dist: DistContext = SINGLE,
+                    adapter: DomainAdapter | None = None) -> tuple[float, float]:
     """One pass over the loader; returns (mean loss, accuracy) on the augmented training images of all
     processes. An optimizer step follows every ``accum_steps`` micro-batches (an incomplete last group is
-    skipped, as a single process drops an incomplete last batch)."""
+    skipped, as a single process drops an incomplete last batch). With ``adapter`` (domain adaptation)
+    each step also draws a target batch and adds its alignment loss."""
     model.train()
     for module in frozen_modules(model):
         module.eval()  # frozen layers' BatchNorm keeps its running statistics
@@ -407,8 +464,12 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         step = (i + 1) % accum_steps == 0  # last micro-batch of an optimizer step: DDP all-reduces now
         with distributed.no_sync(model, step):
             with _autocast(device, amp):
-                logits = model(x)  # (B, C)
-                loss = criterion(logits.float(), y)
+                if adapter is None:
+                    logits = model(x)  # (B, C)
+                    loss = criterion(logits.float(), y)
+                else:
+                    logits, align_loss = adapter(model, x)  # (B, C), scalar
+                    loss = criterion(logits.float(), y) + align_loss.float()
             if not torch.isfinite(loss):
                 raise TlDeployError(f"Training diverged (loss {loss.item()}): lower --lr or disable --amp.")
             if i % accum_steps == 0:
@@ -423,6 +484,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             else:
                 optimizer.step()
             scheduler.step()
+            if adapter is not None:
+                adapter.step_done()
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -470,7 +533,8 @@ def activation_split(model: nn.Module, cfg: TrainConfig, spec: PreprocessSpec, d
     stages are frozen, augmentation is off (so each image's prefix output never changes), the
     architecture can be cut there, and the outputs of all images fit in memory. Else None."""
     train_stages = cfg.stages_to_train()
-    if cfg.strategy == "linear" or cfg.augment or train_stages is None:
+    # Domain adaptation runs the whole network on raw target images each step; fusion reads several depths.
+    if cfg.strategy == "linear" or cfg.augment or train_stages is None or cfg.da is not None or cfg.head != "linear":
         return None
     split = split_after_stages(model, len(backbone_stages(model)) - train_stages)
     if split is None:
@@ -496,12 +560,12 @@ def suffix_features(suffix: StageSuffix, activations: torch.Tensor, batch_size: 
 
 # ----------------------------------------------------------------------------- phases
 
-def train_probe(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+def train_probe(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                 val_y: torch.Tensor, cfg: TrainConfig, class_weights: torch.Tensor | None,
                 state: RunState) -> None:
     """Train the head alone on cached features; keeps the head of the best val epoch."""
-    params = [{"params": [head.weight], "weight_decay": cfg.weight_decay},
-              {"params": [head.bias], "weight_decay": 0.0}]
+    params = [{"params": [p for p in head.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in head.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     for g in params:
         g["lr"] = cfg.probe_lr
     optimizer = build_optimizer(params, cfg)
@@ -532,7 +596,7 @@ def train_probe(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, v
         head.eval()
         with torch.no_grad():
             val_logits = head(val_x)
-        val = summarize(val_logits, val_y, head.out_features)
+        val = summarize(val_logits, val_y, int(val_logits.shape[1]))
         row = {"phase": "probe", "epoch": epoch + 1, "train_loss": total / len(order),
                "train_acc": correct / len(order), "val_loss": val.loss, "val_acc": val.accuracy}
         state.history.append(row)
@@ -567,6 +631,8 @@ def fit(cfg: TrainConfig) -> Path:
 
 def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     start = time.perf_counter()
+    if cfg.da is not None and dist.world_size > 1:
+        raise TlDeployError("--da runs in one process only: start it without torchrun.")
     device = dist.device
     amp = resolve_amp(cfg.amp, device)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -587,7 +653,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", device,
                  amp or "off", workers, num_classes, len(train_samples), len(splits.val), len(splits.test))
 
-    model = create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
+    model = build_network(cfg, num_classes)
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits), writer=dist.is_main)
     state = RunState()
@@ -611,7 +677,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
 
     if cfg.strategy in ("linear", "lp-ft") and not (loaded is not None and state.phase == "finetune"):
         cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        model_id = weights_identity(cfg)
+        model_id = features_identity(cfg)
         feats = {}
         for name, samples in (("train", train_samples), ("val", splits.val)):
             from_acts = None
@@ -624,7 +690,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         labels = {name: torch.tensor([lbl for _, lbl in s])
                   for name, s in (("train", train_samples), ("val", splits.val))}
         head = model.get_classifier()  # type: ignore[operator]
-        if not isinstance(head, nn.Linear):
+        if not isinstance(head, nn.Linear) and cfg.head == "linear":
             raise ModelError(f"{cfg.model}'s classifier is {type(head).__name__}, not Linear: use --strategy finetune.")
         head.float().cpu()
         train_probe(head, feats["train"], labels["train"], feats["val"], labels["val"], cfg, class_weights, state)
@@ -652,6 +718,12 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         val_result = evaluate(model, splits.val, spec, cfg, device, amp=None, workers=workers,
                               num_classes=num_classes, desc="val eval", dist=dist)
     del val_acts
+    target_result = None
+    target_test = target_test_samples(cfg.target_unlabeled, splits.class_names) if cfg.target_unlabeled else None
+    if target_test:
+        # Target labels are read here only, after training and model selection, to report the result.
+        target_result = evaluate(model, target_test, spec, cfg, device, amp=None, workers=workers,
+                                 num_classes=num_classes, desc="target test eval")
     elapsed = time.perf_counter() - start
     last_train: dict[str, Any] = state.history[-1] if state.history else {}
     metrics: dict[str, Any] = {
@@ -666,6 +738,12 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         "splits": {eval_split: result.to_dict(splits.class_names), "val": val_result.to_dict(splits.class_names)},
         "history": state.history,
     }
+    if cfg.da is not None or target_result is not None:
+        metrics["model_selection"] = "held-out source val; no target labels used in training or selection"
+    if target_result is not None:
+        metrics["target_test_acc"] = target_result.accuracy
+        metrics["target_test_loss"] = target_result.loss
+        metrics["splits"]["target_test"] = target_result.to_dict(splits.class_names)
     trained = cfg.stages_to_train()
     training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
                 "workers_used": workers, "world_size": dist.world_size,
@@ -679,13 +757,14 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     extra = {"curves.png": curves_png(state.history),
              "confusion.png": confusion_png(result.confusion, splits.class_names, f"{eval_split} confusion")}
     model.cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    arch = Architecture(name=cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
+    arch = architecture(cfg, num_classes)
     path = save_artifact(out, model, architecture=arch, class_names=splits.class_names, spec=spec,
                          training=training, metrics=metrics, extra_files=extra)
     ckpt.clear()
     distributed.barrier(dist)
     print(format_result(result, splits.class_names, eval_split))
-    print(f"{eval_split} accuracy {result.accuracy * 100:.2f}% | val {val_result.accuracy * 100:.2f}% | "
+    target_text = f" | target test {target_result.accuracy * 100:.2f}%" if target_result is not None else ""
+    print(f"{eval_split} accuracy {result.accuracy * 100:.2f}% | val {val_result.accuracy * 100:.2f}%{target_text} | "
           f"{elapsed:.0f}s | artifact {path}")
     return path
 
@@ -704,10 +783,15 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
     net: nn.Module = model if split is None or acts is None else split[1]
     cached = acts if split is not None and acts is not None else {}
     train_model = distributed.data_parallel(net, dist, sync_bn=cfg.sync_bn)  # after freezing
-    optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
     steps_per_epoch = len(make_loader(train_samples, None, cfg, train=True, epoch=0, workers=0,
                                       dist=dist)) // cfg.grad_accum_steps
     total = cfg.epochs * steps_per_epoch
+    adapter = make_adapter(model, cfg, spec, device, workers, total)
+    param_groups = finetune_param_groups(model, cfg)
+    if adapter is not None and adapter.discriminator is not None:
+        param_groups.append({"params": list(adapter.discriminator.parameters()), "lr": cfg.lr,
+                             "weight_decay": cfg.weight_decay})
+    optimizer = build_optimizer(param_groups, cfg)
     scheduler = warmup_cosine(optimizer, total, int(cfg.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     weight = class_weights.to(device) if cfg.balance == "weights" else None
@@ -729,7 +813,7 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
         train_loss, train_acc = train_one_epoch(train_model, loader, optimizer, scheduler, criterion, device, amp,
                                                 scaler, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                                 freeze_bn=cfg.bn == "frozen", accum_steps=cfg.grad_accum_steps,
-                                                dist=dist)
+                                                dist=dist, adapter=adapter)
         if cached:
             val_loader = make_loader(splits.val, None, cfg, train=False, epoch=0, workers=0, activations=cached["val"])
             val = summarize(*predict_logits(net, val_loader, device, amp, desc="val"), len(splits.class_names))
@@ -739,6 +823,8 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
         row = {"phase": "finetune", "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.perf_counter() - t0, 1),
                "lr": max(g["lr"] for g in optimizer.param_groups)}
+        if adapter is not None:
+            row["align_loss"] = adapter.pop_mean_align_loss()
         state.history.append(row)
         _log_epoch(row)
         state.epoch = epoch + 1
@@ -756,6 +842,21 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
         model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def make_adapter(model: nn.Module, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device, workers: int,
+                 total_steps: int) -> DomainAdapter | None:
+    """The domain-adaptation hook for the training step, or None without --da."""
+    if cfg.da is None or cfg.target_unlabeled is None:
+        return None
+    target = unlabeled_samples(cfg.target_unlabeled)
+    _logger.info("domain adaptation %s (weight %g): %d unlabelled target images from %s", cfg.da, cfg.da_weight,
+                 len(target), cfg.target_unlabeled)
+    loader = make_loader(target, train_transform(spec, cfg.augment), cfg, train=True, epoch=10_007,
+                         workers=workers)
+    adapter = DomainAdapter(cfg.da, int(model.num_features), cfg.da_weight, cycle(loader),  # type: ignore[arg-type]
+                            total_steps)
+    return adapter.to(device)
 
 
 def _fingerprint(cfg: TrainConfig, splits: Splits) -> dict[str, Any]:
@@ -797,6 +898,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", default=d.interpolation, help="resize filter")
     g.add_argument("--drop-rate", type=float, default=d.drop_rate, help="dropout before the classifier")
     g.add_argument("--bn", choices=BN_MODES, default=d.bn, help="BatchNorm statistics while fine-tuning")
+    g.add_argument("--head", choices=HEADS, default=d.head,
+                   help="classifier head: linear on the final features, or attention fusion over several depths")
+    g.add_argument("--fusion-levels", type=int, default=d.fusion_levels,
+                   help="attention-fusion: levels fused (final features + the last N-1 stages)")
+    g.add_argument("--fusion-dim", type=int, default=d.fusion_dim, help="attention-fusion: projection width")
+    g.add_argument("--no-channel-attention", dest="channel_attention", action="store_false",
+                   help="attention-fusion: no channel attention on the fused vector")
+    g = p.add_argument_group("unsupervised domain adaptation")
+    g.add_argument("--target-unlabeled", metavar="DIR",
+                   help="target-domain images without labels (DIR/train/** if present, else DIR/**); a labelled "
+                        "DIR/test/ is scored after training, also without --da (the source-only baseline)")
+    g.add_argument("--da", choices=DA_METHODS, help="alignment loss: dann, mmd or coral")
+    g.add_argument("--da-weight", type=float, default=d.da_weight, help="weight of the alignment loss")
     g = p.add_argument_group("strategy and schedule")
     g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy, help="transfer strategy")
     g.add_argument("--unfreeze", default=d.unfreeze, metavar="N|all|auto",
