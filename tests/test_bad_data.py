@@ -240,7 +240,8 @@ def test_skip_that_empties_a_class_is_refused(tmp_path: Path) -> None:
 def test_invalid_on_bad_image_value(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(DataError, match="Invalid --on-bad-image 'ignore'"):
         load_splits(tiny_data, on_bad_image="ignore")
-    rc = main(["--data", str(tiny_data), "--model", TINY_MODEL, "--img-size", str(TINY_SIZE),
-               "--on-bad-image", "ignore", "--out", str(tmp_path / "o")])
-    assert rc == 2  # argparse refuses values outside the choices
+    with pytest.raises(SystemExit) as exc:  # argparse refuses values outside the choices
+        main(["--data", str(tiny_data), "--model", TINY_MODEL, "--img-size", str(TINY_SIZE),
+              "--on-bad-image", "ignore", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
     assert "invalid choice: 'ignore'" in capsys.readouterr().err

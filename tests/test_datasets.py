@@ -326,7 +326,7 @@ def test_prepare_skips_wheel_when_up_to_date(
 def test_cli_unknown_dataset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mnist"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: Unknown dataset 'mnist'. Only animal-shape is supported."
+    assert err == "error: Unknown dataset 'mnist'. Only animal-shape, animal-shape-m are supported."
 
 
 def test_cli_bad_fraction_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
