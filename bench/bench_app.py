@@ -18,12 +18,10 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +35,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(model: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "streamlit", "run", str(lib.APP_SCRIPT), "--server.port", str(port),
            "--server.address", "127.0.0.1", "--", "--model", str(model.resolve())]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the app exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"error: the app did not answer on {url} within {timeout:.0f} s")
 
 
 def one_session(browser: Any, url: str, image: Path, label: str) -> dict[str, float]:
@@ -114,12 +92,12 @@ def main() -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for round_no in range(args.rounds):
-            port = free_port()
+            port = lib.free_port()
             url = f"http://127.0.0.1:{port}"
             start = time.perf_counter()
             proc = start_server(model, port)
             try:
-                wait_healthy(url, proc)
+                lib.wait_until_serving(url, proc)
                 server_s = time.perf_counter() - start
                 for session in range(1 + args.warm):
                     row = one_session(browser, url, image, label)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tl_deploy.app import free_port, wait_until_serving
+from tl_deploy.errors import TlDeployError
 from tl_deploy.runtime import load
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,27 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs /usr/bin/chromium: apt-get install -y chromium chromium-driver")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
-    """Poll Streamlit's health endpoint (the generous timeout is a ceiling for busy shared machines)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"the app did not answer on {url} within {timeout:.0f} s")
 
 
 @pytest.fixture()
@@ -59,8 +37,8 @@ def server(app_export: Path, tmp_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_healthy(url, proc)
-        except (RuntimeError, TimeoutError) as exc:
+            wait_until_serving(url, proc, timeout=300)  # a ceiling for busy machines
+        except TlDeployError as exc:
             log.flush()
             raise RuntimeError(f"{exc}; server log:\n{(tmp_path / 'server.log').read_text()[-3000:]}") from exc
         yield url

@@ -350,6 +350,34 @@ class ModelCard:
     parity_path: Path | None = None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now, to start a server on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen[Any], timeout: float = 120.0) -> None:
+    """Poll Streamlit's health endpoint until it answers; TlDeployError if the server exits first or the
+    time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TlDeployError(f"The app exited with code {proc.returncode} before serving {url}.")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TlDeployError(f"The app did not answer on {url} within {timeout:.0f} s.")
+
+
 def parity_report_files(export_dir: Path) -> list[Path]:
     """Where ``python -m tl_deploy.parity`` writes its reports for this export (test split first)."""
     from tl_deploy.parity import report_paths
