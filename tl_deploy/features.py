@@ -46,25 +46,34 @@ def cache_key(model_id: str, spec: PreprocessSpec, samples: Sequence[Sample]) ->
 
 
 @torch.no_grad()
+def _eval_outputs(
+    module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], samples: Sequence[Sample],
+    spec: PreprocessSpec, *, device: torch.device, batch_size: int, workers: int, desc: str,
+) -> list[torch.Tensor]:
+    """``forward`` of every batch of images, ``module`` in eval mode, eval transform: float32 chunks."""
+    was_training = module.training
+    module.eval()
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    chunks = []
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        chunks.append(forward(x).float())
+    module.train(was_training)
+    return chunks
+
+
 def compute_features(
     model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
     batch_size: int = 128, workers: int = 0, desc: str = "features", dist: DistContext = SINGLE,
 ) -> torch.Tensor:
     """(N, D) pooled backbone features, eval mode, eval transform; sharded over the ranks and gathered."""
-    was_training = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(distributed.shard(samples, dist), eval_transform(spec)),
-                                         batch_size=batch_size, shuffle=False, num_workers=workers)
-    chunks = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        chunks.append(pooled_features(model, x).float().cpu())  # (B, D)
-    model.train(was_training)
+    chunks = _eval_outputs(model, lambda x: pooled_features(model, x).cpu(), distributed.shard(samples, dist), spec,
+                           device=device, batch_size=batch_size, workers=workers, desc=desc)  # (B, D) each
     local = torch.cat(chunks) if chunks else torch.empty(0, feature_dim(model))  # (N / world, D)
     return distributed.all_gather_cat(local, dist)  # (N, D), in the order of ``samples``
 
 
-@torch.no_grad()
 def compute_activations(
     prefix: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
     batch_size: int = 128, workers: int = 0, desc: str = "activations",
@@ -74,15 +83,8 @@ def compute_activations(
     Fine-tuning with the first stages frozen and no augmentation sees the same prefix output for an
     image every epoch, so it is computed once.
     """
-    was_training = prefix.training
-    prefix.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
-    chunks = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        chunks.append(prefix(x).float())  # (B, C, h, w)
-    prefix.train(was_training)
+    chunks = _eval_outputs(prefix, prefix, samples, spec, device=device, batch_size=batch_size, workers=workers,
+                           desc=desc)  # (B, C, h, w) each
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
