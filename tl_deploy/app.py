@@ -48,22 +48,23 @@ BATCH_CHUNK = 32  # images per predict() call in batch mode
 # Finding models
 
 
-def find_exports(root: str | os.PathLike[str] = EXPORT_ROOT) -> list[Path]:
-    """Export folders (holding export.json) directly under ``root``, most recent first."""
+def _newest_folders(root: str | os.PathLike[str], marker: str) -> list[Path]:
+    """Folders directly under ``root`` that hold ``marker``, most recently written first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if (p / EXPORT_MANIFEST).is_file() and not p.name.startswith(".")]
-    return sorted(found, key=lambda p: (p / EXPORT_MANIFEST).stat().st_mtime, reverse=True)
+    found = [p for p in root.iterdir() if (p / marker).is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: (p / marker).stat().st_mtime, reverse=True)
+
+
+def find_exports(root: str | os.PathLike[str] = EXPORT_ROOT) -> list[Path]:
+    """Export folders (holding export.json) directly under ``root``, most recent first."""
+    return _newest_folders(root, EXPORT_MANIFEST)
 
 
 def find_artifacts(root: str | os.PathLike[str] = MODELS_ROOT) -> list[Path]:
     """Model artifact folders (holding config.json) directly under ``root``, most recent first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if (p / ARTIFACT_CONFIG).is_file() and not p.name.startswith(".")]
-    return sorted(found, key=lambda p: (p / ARTIFACT_CONFIG).stat().st_mtime, reverse=True)
+    return _newest_folders(root, ARTIFACT_CONFIG)
 
 
 def default_model(export_root: str | os.PathLike[str] = EXPORT_ROOT,
