@@ -73,6 +73,17 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def export_dir(tiny_artifact: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny artifact exported to every format that runs here: FP32, both INT8 files, baked preprocessing."""
+    from tl_deploy.export import ExportOptions, export_artifact
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_artifact(tiny_artifact, out, ExportOptions(int8=True, bake_preprocess=True, calib_data=tiny_data,
+                                                      calib_samples=24))
+    return out
+
+
+@pytest.fixture(scope="session")
 def app_export(tiny_artifact: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model re-saved with its training data recorded (for the app's gallery), exported to
     ONNX FP32 and INT8 as ``export/tiny`` next to ``models/tiny``: the layout `make demo` leaves."""

@@ -29,14 +29,6 @@ from tl_deploy.runtime.catalog import export_backend_name, parse_backends, resol
 from tl_deploy.runtime.catalog import tensorrt_problem as find_tensorrt_problem
 
 
-@pytest.fixture(scope="module")
-def export_dir(tiny_artifact: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("parity") / "tiny"
-    export_artifact(tiny_artifact, out, ExportOptions(int8=True, bake_preprocess=True, calib_data=tiny_data,
-                                                      calib_samples=24))
-    return out
-
-
 def _broken_copy(export_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "broken"
     shutil.copytree(export_dir, out)

@@ -13,19 +13,10 @@ import pytest
 from PIL import Image
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
-from tl_deploy.export import ExportOptions, export_artifact
 from tl_deploy.preprocess import prepare
 from tl_deploy.runtime import choose_export_file, load
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def export_dir(tiny_artifact: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rt") / "tiny"
-    export_artifact(tiny_artifact, out, ExportOptions(int8=True, bake_preprocess=True, calib_data=tiny_data,
-                                                      calib_samples=24))
-    return out
 
 
 @pytest.fixture(scope="module")
