@@ -168,6 +168,8 @@ def test_bad_data_gives_one_clear_line(case: str, tmp_path: Path, capsys: pytest
     (["--model", "efficientnet_lite9"], "Unknown model name"),
     (["--model", "test_resnet", "--weights", "embedded"], "No embedded weights"),
     (["--strategy", "lp-ft", "--probe-epochs", "0"], "needs --probe-epochs"),
+    (["--unfreeze", "99"], "Invalid --unfreeze 99"),  # refused before the probe runs, not after
+    (["--unfreeze", "some"], "Invalid --unfreeze"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_bad_options_give_one_clear_line(args: list[str], message: str, tiny_data: Path, tmp_path: Path,
@@ -176,7 +178,7 @@ def test_bad_options_give_one_clear_line(args: list[str], message: str, tiny_dat
     rc = main(base + args)
     assert rc != 0
     assert_one_error_line(capsys.readouterr().err, message)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.checkpoint").exists()
 
 
 def test_weights_that_do_not_fit_cli(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

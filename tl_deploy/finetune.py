@@ -67,6 +67,7 @@ from tl_deploy.models import (
     StageSuffix,
     backbone_stages,
     check_model_name,
+    check_train_stages,
     create_model,
     frozen_modules,
     set_trainable,
@@ -654,6 +655,8 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
                  amp or "off", workers, num_classes, len(train_samples), len(splits.val), len(splits.test))
 
     model = build_network(cfg, num_classes)
+    if cfg.strategy != "linear":
+        check_train_stages(model, cfg.stages_to_train())  # before any work, not after the linear probe
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ckpt = Checkpointer(out, fingerprint=_fingerprint(cfg, splits), writer=dist.is_main)
     state = RunState()

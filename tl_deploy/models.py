@@ -200,14 +200,20 @@ def backbone_stages(model: nn.Module) -> list[list[str]]:
     return [s for s in stages if s]
 
 
-def set_trainable(model: nn.Module, train_stages: int | None) -> None:
-    """Train the head plus the last ``train_stages`` backbone stages (None: all, 0: head only)."""
+def check_train_stages(model: nn.Module, train_stages: int | None) -> list[list[str]]:
+    """The model's backbone stages, after checking ``train_stages`` (None: all) fits them."""
     stages = backbone_stages(model)
     if train_stages is not None and not 0 <= train_stages <= len(stages):
         raise ModelError(
             f"Invalid --unfreeze {train_stages}: this model has {len(stages)} stages; "
             f"choose 0..{len(stages)}."
         )
+    return stages
+
+
+def set_trainable(model: nn.Module, train_stages: int | None) -> None:
+    """Train the head plus the last ``train_stages`` backbone stages (None: all, 0: head only)."""
+    stages = check_train_stages(model, train_stages)
     trainable = set(_classifier_keys(model))
     chosen = stages if train_stages is None else stages[len(stages) - train_stages:]
     for stage in chosen:
