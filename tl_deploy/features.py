@@ -66,9 +66,12 @@ def _eval_outputs(
 def compute_features(
     model: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
     batch_size: int = 128, workers: int = 0, desc: str = "features", dist: DistContext = SINGLE,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(N, D) pooled backbone features, eval mode, eval transform; sharded over the ranks and gathered."""
-    chunks = _eval_outputs(model, lambda x: pooled_features(model, x).cpu(), distributed.shard(samples, dist), spec,
+    """(N, D) pooled backbone features, eval mode, eval transform; sharded over the ranks and gathered.
+    ``forward`` computes them instead of ``pooled_features`` (e.g. ``tl_deploy.frozen.frozen_forward``)."""
+    run = forward or (lambda x: pooled_features(model, x))
+    chunks = _eval_outputs(model, lambda x: run(x).cpu(), distributed.shard(samples, dist), spec,
                            device=device, batch_size=batch_size, workers=workers, desc=desc)  # (B, D) each
     local = torch.cat(chunks) if chunks else torch.empty(0, feature_dim(model))  # (N / world, D)
     return distributed.all_gather_cat(local, dist)  # (N, D), in the order of ``samples``
@@ -77,14 +80,16 @@ def compute_features(
 def compute_activations(
     prefix: nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *, device: torch.device,
     batch_size: int = 128, workers: int = 0, desc: str = "activations",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(N, C, H, W) float32 outputs of a frozen prefix of the network, eval transform, kept in memory.
 
     Fine-tuning with the first stages frozen and no augmentation sees the same prefix output for an
-    image every epoch, so it is computed once.
+    image every epoch, so it is computed once. ``forward`` runs the prefix instead of calling it
+    (e.g. ``tl_deploy.frozen.frozen_forward``'s onnxruntime session).
     """
-    chunks = _eval_outputs(prefix, prefix, samples, spec, device=device, batch_size=batch_size, workers=workers,
-                           desc=desc)  # (B, C, h, w) each
+    chunks = _eval_outputs(prefix, forward or prefix, samples, spec, device=device, batch_size=batch_size,
+                           workers=workers, desc=desc)  # (B, C, h, w) each
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

@@ -12,7 +12,8 @@ Strategies (the transfer-learning literature's names):
 - ``partial --unfreeze N``: only the head and the last N backbone stages train.
 
 When the first stages are frozen and augmentation is off, their output for each image is the same
-every epoch: it is computed once, kept in memory, and the epochs run only the layers that train.
+every epoch: it is computed once, kept in memory, and the epochs run only the layers that train. Such
+one-off passes over frozen layers run on onnxruntime on a CPU (tl_deploy/frozen.py).
 
 Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it trains with DistributedDataParallel
 (see tl_deploy/distributed.py); ``--batch-size`` stays the global batch.
@@ -24,6 +25,7 @@ Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it trains with D
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import math
@@ -58,8 +60,9 @@ from tl_deploy.data import (
 )
 from tl_deploy.distributed import SINGLE, DistContext
 from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
-from tl_deploy.features import cached_features, compute_activations
+from tl_deploy.features import cached_features, compute_activations, compute_features
 from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
+from tl_deploy.frozen import FROZEN_RUNTIMES, Forward, frozen_forward, resolve_frozen_runtime
 from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS, create_fusion_model
 from tl_deploy.models import (
     DEFAULT_MODEL,
@@ -70,6 +73,7 @@ from tl_deploy.models import (
     check_train_stages,
     create_model,
     frozen_modules,
+    pooled_features,
     set_trainable,
     split_after_stages,
 )
@@ -135,6 +139,7 @@ class TrainConfig:
     bn: str = "frozen"  # frozen: BatchNorm keeps ImageNet statistics while fine-tuning (affine still trains)
     cache_dir: str | None = None  # feature cache; None: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy
     no_cache: bool = False
+    frozen_runtime: str = "auto"  # inference over frozen layers: auto (onnxruntime on CPU), torch, onnxruntime
     out: str | None = None  # artifact folder; None: models/<run-name>
     name: str | None = None
     resume: bool = False
@@ -163,6 +168,9 @@ class TrainConfig:
             raise TlDeployError(f"Invalid --bn {self.bn!r}. Only {', '.join(BN_MODES)} are supported.")
         if self.on_bad_image not in ON_BAD_IMAGE:
             raise TlDeployError(f"Invalid --on-bad-image {self.on_bad_image!r}. Only fail and skip are supported.")
+        if self.frozen_runtime not in FROZEN_RUNTIMES:
+            raise TlDeployError(f"Invalid --frozen-runtime {self.frozen_runtime!r}. "
+                                f"Only {', '.join(FROZEN_RUNTIMES)} are supported.")
         if self.amp not in AMP_MODES:
             raise TlDeployError(f"Invalid --amp {self.amp!r}. Only {', '.join(AMP_MODES)} are supported.")
         for name in ("epochs", "probe_epochs"):
@@ -392,9 +400,12 @@ def inverse_frequency(samples: Sequence[Sample], num_classes: int) -> torch.Tens
 # ----------------------------------------------------------------------------- optimisation
 
 def build_optimizer(params: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # The fused kernels (CPU and CUDA) make the same update in one pass over the parameters: a step of
+    # the default run's 3.3M trained parameters takes ~6 ms instead of ~18 ms on 2 cores.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in params for p in g["params"])
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(params)
+        return torch.optim.SGD(params, momentum=0.9, nesterov=True, fused=fused)
+    return torch.optim.AdamW(params, fused=fused)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
@@ -549,13 +560,10 @@ def activation_split(model: nn.Module, cfg: TrainConfig, spec: PreprocessSpec, d
     return split
 
 
-@torch.no_grad()
-def suffix_features(suffix: StageSuffix, activations: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) pooled features from cached prefix outputs: the same as ``pooled_features`` on the images."""
-    suffix.eval()
-    chunks = [suffix(activations[i:i + batch_size].float().contiguous(memory_format=torch.channels_last),
-                     pre_logits=True).float().cpu()
-              for i in range(0, len(activations), batch_size)]
+def suffix_features(forward: Forward, activations: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, D) pooled features from cached prefix outputs: the same as ``pooled_features`` on the images.
+    ``forward`` is the suffix's ``pre_logits`` pass (``frozen_forward``)."""
+    chunks = [forward(activations[i:i + batch_size]).cpu() for i in range(0, len(activations), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -670,26 +678,42 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
             _logger.info("resumed %s: phase %s, %d epochs done", out, state.phase, state.epoch)
 
     split = activation_split(model, cfg, spec, device, len(train_samples) + len(splits.val))
+    runtime = resolve_frozen_runtime(cfg.frozen_runtime, device)
+    image = torch.zeros(1, 3, spec.input_size, spec.input_size)  # (1, 3, H, W): an export example
+    eval_batch = max(cfg.batch_size, 128)
     acts: dict[str, torch.Tensor] = {}
     if split is not None:
-        _logger.info("the first %d backbone stages stay frozen: their outputs are computed once for every epoch",
-                     len(backbone_stages(model)) - (cfg.stages_to_train() or 0))
-        acts = {name: compute_activations(split[0], samples, spec, device=device, batch_size=max(cfg.batch_size, 128),
-                                          workers=workers, desc=f"{name} activations")
+        _logger.info("the first %d backbone stages stay frozen: their outputs are computed once for every epoch "
+                     "(%s)", len(backbone_stages(model)) - (cfg.stages_to_train() or 0), runtime)
+        prefix = frozen_forward(split[0], image, runtime=runtime, device=device)
+        acts = {name: compute_activations(split[0], samples, spec, device=device, batch_size=eval_batch,
+                                          workers=workers, desc=f"{name} activations", forward=prefix)
                 for name, samples in (("train", train_samples), ("val", splits.val))}
 
     if cfg.strategy in ("linear", "lp-ft") and not (loaded is not None and state.phase == "finetune"):
         cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        model_id = features_identity(cfg)
+        # onnxruntime's features differ from PyTorch's in the last float bits: cached apart.
+        model_id = features_identity(cfg) + ("" if runtime == "torch" else f"|{runtime}")
+        features_forward: list[Forward] = []  # built on the first cache miss only (an export takes ~1 s)
+
+        def features_of(name: str, samples: Sequence[Sample]) -> torch.Tensor:
+            if split is not None:
+                if not features_forward:
+                    features_forward.append(frozen_forward(split[1], acts[name][:1], runtime=runtime, device=device,
+                                                           call=lambda m, h: m(h, pre_logits=True)))
+                return suffix_features(features_forward[0], acts[name], eval_batch)
+            if not features_forward:
+                features_forward.append(frozen_forward(model, image, runtime=runtime, device=device,
+                                                       call=pooled_features))
+            return compute_features(model, samples, spec, device=device, batch_size=eval_batch, workers=workers,
+                                    desc=f"{name} features", dist=dist, forward=features_forward[0])
+
         feats = {}
         for name, samples in (("train", train_samples), ("val", splits.val)):
-            from_acts = None
-            if split is not None:
-                def from_acts(suffix: StageSuffix = split[1], a: torch.Tensor = acts[name]) -> torch.Tensor:
-                    return suffix_features(suffix, a, max(cfg.batch_size, 128))
             feats[name] = cached_features(model, model_id, samples, spec, device=device, cache_dir=cache_dir,
-                                          batch_size=max(cfg.batch_size, 128), workers=workers,
-                                          desc=f"{name} features", compute=from_acts, dist=dist)
+                                          batch_size=eval_batch, workers=workers, desc=f"{name} features",
+                                          compute=functools.partial(features_of, name, samples),
+                                          dist=dist)
         labels = {name: torch.tensor([lbl for _, lbl in s])
                   for name, s in (("train", train_samples), ("val", splits.val))}
         head = model.get_classifier()  # type: ignore[operator]
@@ -751,7 +775,8 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
                 "workers_used": workers, "world_size": dist.world_size,
                 "stages_trained": "all" if trained is None else trained,
-                "frozen_stage_cache": split is not None, "train_images": len(train_samples),
+                "frozen_stage_cache": split is not None, "frozen_runtime_used": runtime,
+                "train_images": len(train_samples),
                 "val_images": len(splits.val), "test_images": len(splits.test),
                 "skipped_images": [str(b) for b in splits.skipped]}
     if not dist.is_main:
@@ -937,6 +962,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    g.add_argument("--frozen-runtime", choices=FROZEN_RUNTIMES, default=d.frozen_runtime,
+                   help="runs the frozen layers' one-off inference passes: auto (onnxruntime on CPU, several "
+                        "times faster there), torch or onnxruntime")
     g.add_argument("--out", help="artifact folder (default: models/<run-name>)")
     g.add_argument("--name", help="run name (default: <data>-<model>-<strategy>)")
     g.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
