@@ -11,6 +11,7 @@ import torch
 from tl_deploy import finetune
 from tl_deploy.artifact import load_artifact
 from tl_deploy.finetune import TrainConfig, fit, main
+from tl_deploy.frozen import FrozenForward
 
 from .conftest import TINY_MODEL, TINY_SIZE, make_image_folder
 
@@ -39,6 +40,7 @@ def test_loss_decreases_and_accuracy_beats_chance(trained: Path) -> None:
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert metrics["test_acc"] > 0.6  # chance is 1/3
     assert len(metrics["splits"]["test"]["confusion_matrix"]) == 3
+    assert sum(metrics["phase_seconds"].values()) == pytest.approx(metrics["train_seconds"], abs=0.2)
 
 
 def test_artifact_is_self_describing(trained: Path) -> None:
@@ -72,7 +74,7 @@ def test_linear_probe_runs_the_backbone_once(tiny_data: Path, tmp_path: Path,
             calls["n"] += 1  # one backbone pass over a batch
             return forward(x)
 
-        return counted
+        return FrozenForward(counted, forward.runtime)
 
     monkeypatch.setattr(finetune, "frozen_forward", counting_frozen_forward)
     cfg = tiny_config(tiny_data, tmp_path / "lin", strategy="linear", probe_epochs=5, no_cache=False,
@@ -112,6 +114,19 @@ def test_frozen_stage_cache_matches_running_every_layer(tiny_data: Path, tmp_pat
         torch.testing.assert_close(value, b[key], rtol=1e-4, atol=1e-5, msg=key)
     stem = next(iter(a))
     assert torch.equal(a[stem], load_artifact(cached).model.state_dict()[stem])
+
+
+def test_frozen_passes_on_onnxruntime_train_the_same_model(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "torch", strategy="lp-ft", epochs=2, unfreeze=2, deterministic=True,
+                      frozen_runtime="torch")
+    runs = [fit(cfg), fit(replace(cfg, out=str(tmp_path / "ort"), frozen_runtime="onnxruntime"))]
+    training = [json.loads((p / "config.json").read_text())["training"] for p in runs]
+    assert [t["frozen_runtime_used"] for t in training] == ["torch", "onnxruntime"]
+    assert all(t["frozen_stage_cache"] for t in training)
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in runs]
+    history = [[h["val_loss"] for h in m["history"]] for m in metrics]
+    torch.testing.assert_close(history[1], history[0], rtol=1e-3, atol=1e-4)  # same training, float rounding apart
+    assert metrics[1]["test_acc"] == metrics[0]["test_acc"]
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data: Path, tmp_path: Path,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tl_deploy.errors import TlDeployError
-from tl_deploy.frozen import frozen_forward, resolve_frozen_runtime
+from tl_deploy.frozen import AUTO_MIN_IMAGES, frozen_forward, resolve_frozen_runtime
 from tl_deploy.models import backbone_stages, create_model, pooled_features, split_after_stages
 
 from .conftest import TINY_MODEL, TINY_SIZE
@@ -53,6 +53,9 @@ def test_onnxruntime_matches_torch_on_prefix_suffix_and_features(tiny_split: tup
 
 def test_runtime_choice() -> None:
     assert resolve_frozen_runtime("auto", CPU) == "onnxruntime"
+    assert resolve_frozen_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES) == "onnxruntime"
+    assert resolve_frozen_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES - 1) == "torch"  # export costs more
+    assert resolve_frozen_runtime("onnxruntime", CPU, num_images=1) == "onnxruntime"
     assert resolve_frozen_runtime("auto", torch.device("cuda")) == "torch"
     assert resolve_frozen_runtime("torch", CPU) == "torch"
     with pytest.raises(TlDeployError, match="--frozen-runtime onnxruntime runs on the CPU"):

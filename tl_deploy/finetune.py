@@ -33,7 +33,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -678,14 +678,23 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
             _logger.info("resumed %s: phase %s, %d epochs done", out, state.phase, state.epoch)
 
     split = activation_split(model, cfg, spec, device, len(train_samples) + len(splits.val))
-    runtime = resolve_frozen_runtime(cfg.frozen_runtime, device)
+    runtime = resolve_frozen_runtime(cfg.frozen_runtime, device, len(train_samples) + len(splits.val))
+    frozen_choice = "torch" if runtime == "torch" else cfg.frozen_runtime  # auto falls back if an export fails
+    frozen_used: set[str] = set()
+
+    def frozen(module: nn.Module, example: torch.Tensor,
+               call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Forward:
+        forward = frozen_forward(module, example, runtime=frozen_choice, device=device, call=call)
+        frozen_used.add(forward.runtime)
+        return forward
+
     image = torch.zeros(1, 3, spec.input_size, spec.input_size)  # (1, 3, H, W): an export example
     eval_batch = max(cfg.batch_size, 128)
     acts: dict[str, torch.Tensor] = {}
     if split is not None:
         _logger.info("the first %d backbone stages stay frozen: their outputs are computed once for every epoch "
                      "(%s)", len(backbone_stages(model)) - (cfg.stages_to_train() or 0), runtime)
-        prefix = frozen_forward(split[0], image, runtime=runtime, device=device)
+        prefix = frozen(split[0], image)
         acts = {name: compute_activations(split[0], samples, spec, device=device, batch_size=eval_batch,
                                           workers=workers, desc=f"{name} activations", forward=prefix)
                 for name, samples in (("train", train_samples), ("val", splits.val))}
@@ -699,12 +708,10 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         def features_of(name: str, samples: Sequence[Sample]) -> torch.Tensor:
             if split is not None:
                 if not features_forward:
-                    features_forward.append(frozen_forward(split[1], acts[name][:1], runtime=runtime, device=device,
-                                                           call=lambda m, h: m(h, pre_logits=True)))
+                    features_forward.append(frozen(split[1], acts[name][:1], call=lambda m, h: m(h, pre_logits=True)))
                 return suffix_features(features_forward[0], acts[name], eval_batch)
             if not features_forward:
-                features_forward.append(frozen_forward(model, image, runtime=runtime, device=device,
-                                                       call=pooled_features))
+                features_forward.append(frozen(model, image, call=pooled_features))
             return compute_features(model, samples, spec, device=device, batch_size=eval_batch, workers=workers,
                                     desc=f"{name} features", dist=dist, forward=features_forward[0])
 
@@ -726,9 +733,11 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         state.phase, state.epoch = "finetune", 0
         ckpt.save(model, None, None, state)
 
+    prepared = time.perf_counter()
     if cfg.strategy in ("finetune", "lp-ft", "partial"):
         run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
                      loaded, split=split, acts=acts, dist=dist)
+    finetuned = time.perf_counter()
     val_acts = acts.pop("val", None)
     acts.clear()
 
@@ -762,6 +771,9 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         "train_acc": last_train.get("train_acc", float("nan")),
         "train_loss": last_train.get("train_loss", float("nan")),
         "train_seconds": round(elapsed, 1),
+        # data checks, frozen-stage outputs, probe | fine-tuning epochs | final val/test evaluation
+        "phase_seconds": {"setup_and_probe": round(prepared - start, 1), "finetune": round(finetuned - prepared, 1),
+                          "evaluation": round(start + elapsed - finetuned, 1)},
         "splits": {eval_split: result.to_dict(splits.class_names), "val": val_result.to_dict(splits.class_names)},
         "history": state.history,
     }
@@ -775,7 +787,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
                 "workers_used": workers, "world_size": dist.world_size,
                 "stages_trained": "all" if trained is None else trained,
-                "frozen_stage_cache": split is not None, "frozen_runtime_used": runtime,
+                "frozen_stage_cache": split is not None, "frozen_runtime_used": ",".join(sorted(frozen_used)) or None,
                 "train_images": len(train_samples),
                 "val_images": len(splits.val), "test_images": len(splits.test),
                 "skipped_images": [str(b) for b in splits.skipped]}

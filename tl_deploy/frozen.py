@@ -8,7 +8,8 @@ once to an in-memory ONNX graph (the TorchScript exporter folds BatchNorm into t
 run by an onnxruntime session. Training never goes through it: gradients flow only through the
 PyTorch layers that train.
 
-``runtime``: ``auto`` uses onnxruntime on a CPU device when it can export the module and PyTorch
+``runtime``: ``auto`` uses onnxruntime on a CPU device for passes over at least ``AUTO_MIN_IMAGES``
+images (an export costs 1-2 s, more than it saves on fewer) when it can export the module, and PyTorch
 otherwise (on CUDA, PyTorch is already fast); ``torch`` always runs PyTorch, bit-for-bit the eager
 model; ``onnxruntime`` insists and fails with a clear error when it cannot.
 """
@@ -28,13 +29,15 @@ from tl_deploy.errors import TlDeployError
 _logger = logging.getLogger(__name__)
 
 FROZEN_RUNTIMES = ("auto", "torch", "onnxruntime")
+AUTO_MIN_IMAGES = 1000  # efficientnet_lite0, 112 px: the frozen-stage export (~2 s) pays off from ~400 images
 ONNX_OPSET = 17
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_frozen_runtime(runtime: str, device: torch.device) -> str:
-    """The runtime ``runtime`` stands for on ``device``: ``torch`` or ``onnxruntime``."""
+def resolve_frozen_runtime(runtime: str, device: torch.device, num_images: int | None = None) -> str:
+    """The runtime ``runtime`` stands for on ``device`` for passes over ``num_images`` images (None:
+    many): ``torch`` or ``onnxruntime``."""
     if runtime not in FROZEN_RUNTIMES:
         raise TlDeployError(f"Invalid --frozen-runtime {runtime!r}. Only {', '.join(FROZEN_RUNTIMES)} are supported.")
     if runtime == "torch":
@@ -48,7 +51,8 @@ def resolve_frozen_runtime(runtime: str, device: torch.device) -> str:
             raise TlDeployError("--frozen-runtime onnxruntime needs onnxruntime: pip install onnxruntime, "
                                 "or use --frozen-runtime torch.")
         return "onnxruntime"
-    return "onnxruntime" if device.type == "cpu" and available else "torch"
+    many = num_images is None or num_images >= AUTO_MIN_IMAGES
+    return "onnxruntime" if device.type == "cpu" and available and many else "torch"
 
 
 def _onnxruntime_available() -> bool:
@@ -57,6 +61,17 @@ def _onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class FrozenForward:
+    """``x -> outputs`` of frozen layers; ``runtime`` says which runtime computes them."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], runtime: str) -> None:
+        self._forward = forward
+        self.runtime = runtime
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
 
 
 class _Call(nn.Module):
@@ -72,7 +87,7 @@ class _Call(nn.Module):
 
 
 def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, device: torch.device,
-                   call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Forward:
+                   call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> FrozenForward:
     """A function ``x -> call(module, x)`` in eval mode, without gradients, on ``runtime``.
 
     ``example`` is one input (any batch size) for the export; ``call`` defaults to ``module(x)``.
@@ -83,7 +98,7 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, de
     if chosen == "onnxruntime":
         was_training = module.training
         try:
-            return _onnxruntime_forward(_Call(module, fn).eval(), example.cpu())
+            return FrozenForward(_onnxruntime_forward(_Call(module, fn).eval(), example.cpu()), "onnxruntime")
         except Exception as exc:  # the exporter raises many types
             if runtime == "onnxruntime":
                 raise TlDeployError(f"--frozen-runtime onnxruntime could not export the frozen layers "
@@ -104,7 +119,7 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, de
         finally:
             module.train(was_training)
 
-    return torch_forward
+    return FrozenForward(torch_forward, "torch")
 
 
 def _onnxruntime_forward(net: nn.Module, example: torch.Tensor) -> Forward:
