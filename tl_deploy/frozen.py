@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from tl_deploy.errors import TlDeployError
+from tl_deploy.export.onnx import DEFAULT_OPSET, export_graph
 
 _logger = logging.getLogger(__name__)
 
 FROZEN_RUNTIMES = ("auto", "torch", "onnxruntime")
 AUTO_MIN_IMAGES = 1000  # efficientnet_lite0, 112 px: the frozen-stage export (~2 s) pays off from ~400 images
-ONNX_OPSET = 17
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -123,19 +123,13 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, de
 
 
 def _onnxruntime_forward(net: nn.Module, example: torch.Tensor) -> Forward:
-    import warnings
-
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="tl_deploy-frozen-") as tmp, torch.no_grad(), \
-            warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    with tempfile.TemporaryDirectory(prefix="tl_deploy-frozen-") as tmp:
         path = Path(tmp) / "frozen.onnx"
         # The TorchScript exporter: ~1 s, folds BatchNorm; dynamo's is many times slower to export.
-        torch.onnx.export(net, (example.contiguous(),), str(path), input_names=["x"], output_names=["y"],
-                          opset_version=ONNX_OPSET, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-                          do_constant_folding=True, dynamo=False)
+        export_graph(net, example.contiguous(), path, input_name="x", output_name="y", opset=DEFAULT_OPSET,
+                     exporter="torchscript")
         graph = path.read_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

@@ -97,7 +97,7 @@ def torch_to_onnx(
     with atomic_path(out) as tmp:
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
-            _export(net, example, raw, input_name, opset, exporter)
+            export_graph(net, example, raw, input_name=input_name, opset=opset, exporter=exporter)
             proto = _load_checked(raw)
         finally:
             raw.unlink(missing_ok=True)
@@ -110,7 +110,9 @@ def torch_to_onnx(
     return out
 
 
-def _export(net: nn.Module, example: Any, path: Path, input_name: str, opset: int, exporter: str) -> None:
+def export_graph(net: nn.Module, example: Any, path: Path, *, input_name: str, opset: int, exporter: str,
+                 output_name: str = OUTPUT_NAME) -> None:
+    """Trace ``net`` on ``example`` into an ONNX file at ``path``, batch dimension dynamic; no checks, no metadata."""
     import torch
 
     try:
@@ -120,14 +122,14 @@ def _export(net: nn.Module, example: Any, path: Path, input_name: str, opset: in
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             if exporter == "torchscript":
                 torch.onnx.export(
-                    net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT_NAME],
-                    opset_version=opset, dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    net, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                    opset_version=opset, dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                     do_constant_folding=True, dynamo=False,
                 )
             else:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 torch.onnx.export(
-                    net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT_NAME],
+                    net, (example,), str(path), input_names=[input_name], output_names=[output_name],
                     opset_version=opset, dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
                 )
     except Exception as exc:  # the exporters raise many types
