@@ -15,26 +15,21 @@ Needs scikit-image: ``pip install 'tl_deploy[datasets]'``.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from tl_deploy.datasets import (
     ANIMAL_SHAPE_CLASSES,
-    FORMAT_VERSION,
     _animal_shape_source,
     _check_fractions,
-    _fraction_record,
-    _is_current,
     _obtain_wheel,
-    _refuse_foreign_folder,
+    _tree_key,
+    _up_to_date,
     load_animal_shape_arrays,
     write_image_folder,
 )
 from tl_deploy.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 # Colour photographs bundled with scikit-image (not fetched on demand); drawings and logos left out.
 PHOTOS: tuple[str, ...] = (
@@ -107,17 +102,9 @@ def prepare_animal_shape_m(
     out = Path(out)
     _check_fractions(val_fraction, test_fraction)
     source = {**_animal_shape_source(), "photos": list(PHOTOS), "blend_seed": BLEND_SEED, "blend": "abs-diff"}
-    quick_key = {
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "seed": seed,
-        "fractions": _fraction_record(val_fraction, test_fraction),
-        "classes": list(ANIMAL_SHAPE_CLASSES),
-    }
-    if not force and _is_current(out, quick_key):
-        logger.info("%s is already up to date; nothing to do (pass --force to rebuild)", out)
+    quick_key = _tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
+    if _up_to_date(out, quick_key, force=force, force_hint="--force"):
         return out
-    _refuse_foreign_folder(out)
     photos = load_photos()  # before the wheel, so a missing scikit-image fails fast
     images, labels = load_animal_shape_arrays(_obtain_wheel(wheel, cache_dir))  # (N, 28, 28), (N,)
     blended = blend_with_photos(images, photos)  # (N, 28, 28, 3)

