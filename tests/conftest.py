@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Thread counts change how oneDNN and onnxruntime split a reduction, so the last float bits of a result
+# depend on them: every test runs with the same count, whatever the machine's core count or environment.
+TEST_THREADS = 2
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 
 TINY_CLASSES = ["circle", "square", "bar"]
 TINY_MODEL = "test_efficientnet"  # timm's ~100k-parameter test architecture
@@ -40,6 +43,13 @@ def make_image_folder(root: Path, per_split: dict[str, int], seed: int = 0) -> P
             for i in range(n):
                 draw_shape(name, rng).save(d / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pinned_threads() -> None:
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

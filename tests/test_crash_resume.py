@@ -33,7 +33,7 @@ def _cli_args(data: Path, out: Path, epochs: int) -> list[str]:
     return ["--data", str(data), "--model", TINY_MODEL, "--weights", "none", "--img-size", str(TINY_SIZE),
             "--strategy", "finetune", "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-2",
             "--backbone-lr-mult", "1.0", "--no-augment", "--warmup-epochs", "0.5", "--no-cache", "--workers", "0",
-            "--deterministic", "--out", str(out)]
+            "--deterministic", "--amp", "off", "--device", "cpu", "--out", str(out)]
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:

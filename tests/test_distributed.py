@@ -38,7 +38,7 @@ def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
                        unfreeze=1, epochs=2, probe_epochs=3, batch_size=8, lr=1e-2, backbone_lr_mult=1.0,
                        augment=False,
                        drop_rate=0.0, bn="frozen", warmup_epochs=0.5, deterministic=True, out=str(out),
-                       no_cache=True, workers=0)
+                       no_cache=True, workers=0, amp="off", device="cpu")  # pinned: the same on every machine
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -48,7 +48,8 @@ def cli_args(cfg: TrainConfig) -> list[str]:
             "--probe-epochs", str(cfg.probe_epochs),
             "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--backbone-lr-mult", str(cfg.backbone_lr_mult),
             "--drop-rate", str(cfg.drop_rate), "--bn", cfg.bn, "--warmup-epochs", str(cfg.warmup_epochs),
-            "--workers", "0", "--deterministic", "--no-augment", "--out", str(cfg.out)]
+            "--workers", "0", "--deterministic", "--no-augment", "--amp", cfg.amp, "--device", cfg.device,
+            "--out", str(cfg.out)]
     if cfg.no_cache:
         args.append("--no-cache")
     if cfg.cache_dir:

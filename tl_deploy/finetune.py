@@ -25,6 +25,7 @@ Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it trains with D
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import itertools
 import logging
@@ -128,7 +129,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "none"  # class-imbalance handling: loss weights or a balanced sampler
     augment: bool = False  # off by default: it cost accuracy in the default 2-epoch schedule (README)
-    amp: str = "auto"  # auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else off
+    amp: str = "auto"  # auto: bf16/fp16 on CUDA; on CPU fp32 unless bf16 measures faster there
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -260,22 +261,84 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. ``auto`` only picks what is fast here."""
+# On a CPU, --amp auto trains in bf16 only when a training step measures at least this much faster than
+# fp32 on that very machine. Native bf16 is no promise of speed: on an AVX-512-BF16 CPU the default job's
+# fine-tuning took 105 s in bf16 against 80 s in fp32 (issue 13).
+BF16_MIN_SPEEDUP = 1.2
+AMP_MEASURE_STEPS = 3  # timed forward + backward passes per precision, after one warm-up each
+
+
+@dataclass(frozen=True)
+class AmpChoice:
+    """The autocast dtype training runs under (None: fp32), and why; recorded in config.json."""
+
+    dtype: torch.dtype | None
+    reason: str
+    step_ms: dict[str, float] | None = None  # measured ms per training step, when auto measured them
+    to_measure: bool = False  # auto on a CPU with native bf16: fp32 unless bf16 measures faster
+
+    @property
+    def name(self) -> str:
+        return "off" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
+def resolve_amp(mode: str, device: torch.device) -> AmpChoice:
+    """What ``--amp mode`` means on ``device``. On CUDA, auto picks bf16 where the GPU has it natively
+    (fp16 otherwise). On a CPU, auto is fp32 unless the CPU has native bf16, and even then only after
+    ``measure_amp`` finds bf16 faster: the choice comes back with ``to_measure``."""
     if mode == "off":
-        return None
+        return AmpChoice(None, "--amp off")
     if device.type == "cuda":
-        if mode == "fp16":
-            return torch.float16
-        if mode == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
+        if mode in ("fp16", "bf16"):
+            return AmpChoice(torch.float16 if mode == "fp16" else torch.bfloat16, f"--amp {mode}")
+        # Emulated bf16 (T4, V100) is counted as supported unless including_emulation=False.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return AmpChoice(torch.bfloat16, "auto: the GPU has native bf16")
+        return AmpChoice(torch.float16, "auto: the GPU has no native bf16, so fp16 with loss scaling")
     if mode == "fp16":
         raise TlDeployError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off.")
     if mode == "bf16":
-        return torch.bfloat16
-    # Emulated bf16 on CPUs without native support (AVX512-BF16/AMX) is ~10x slower than fp32.
-    return torch.bfloat16 if cpu_has_native_bf16() else None
+        return AmpChoice(torch.bfloat16, "--amp bf16")
+    if not cpu_has_native_bf16():
+        # Emulated bf16 on CPUs without native support (AVX512-BF16/AMX) is ~10x slower than fp32.
+        return AmpChoice(None, "auto: fp32, the CPU has no native bf16")
+    return AmpChoice(None, "auto: fp32 (bf16 not measured yet)", to_measure=True)
+
+
+def measure_amp(choice: AmpChoice, time_step: Callable[[torch.dtype | None], float]) -> AmpChoice:
+    """Settle an auto choice that needs a measurement: bf16 only when ``time_step(torch.bfloat16)``
+    (ms per training step) beats ``time_step(None)`` (fp32) by ``BF16_MIN_SPEEDUP``."""
+    if not choice.to_measure:
+        return choice
+    fp32_ms, bf16_ms = time_step(None), time_step(torch.bfloat16)
+    step_ms = {"fp32": round(fp32_ms, 3), "bf16": round(bf16_ms, 3)}
+    speedup = fp32_ms / bf16_ms if bf16_ms > 0 else 0.0
+    if speedup >= BF16_MIN_SPEEDUP:
+        return AmpChoice(torch.bfloat16, f"auto: bf16 measured {speedup:.2f}x faster than fp32 per training "
+                                         f"step on this CPU ({bf16_ms:.1f} vs {fp32_ms:.1f} ms)", step_ms)
+    return AmpChoice(None, f"auto: fp32, bf16 measured {speedup:.2f}x its speed per training step on this CPU "
+                           f"({bf16_ms:.1f} vs {fp32_ms:.1f} ms; bf16 needs {BF16_MIN_SPEEDUP}x)", step_ms)
+
+
+def time_train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    amp: torch.dtype | None, freeze_bn: bool, steps: int = AMP_MEASURE_STEPS) -> float:
+    """Median ms of one forward + backward of a copy of ``net`` (its weights and BatchNorm statistics
+    stay untouched) on the batch ``(x, y)`` under ``amp``. The optimizer step is left out: it runs in
+    fp32 under either precision."""
+    probe = copy.deepcopy(net)
+    set_train_mode(probe, freeze_bn)
+    times = []
+    for i in range(steps + 1):  # the first pass lets oneDNN pick its kernels
+        t0 = time.perf_counter()
+        with _autocast(device, amp):
+            loss = nn.functional.cross_entropy(probe(x).float(), y)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        probe.zero_grad(set_to_none=True)
+    return 1000 * float(np.median(times))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -448,15 +511,8 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module, device: torch.device,
-                    amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, desc: str,
-                    freeze_bn: bool = False, accum_steps: int = 1, dist: DistContext = SINGLE,
-                    adapter: DomainAdapter | None = None) -> tuple[float, float]:
-    """One pass over the loader; returns (mean loss, accuracy) on the augmented training images of all
-    processes. An optimizer step follows every ``accum_steps`` micro-batches (an incomplete last group is
-    skipped, as a single process drops an incomplete last batch). With ``adapter`` (domain adaptation)
-    each step also draws a target batch and adds its alignment loss."""
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode, except frozen layers and (``freeze_bn``) every BatchNorm, which keep their statistics."""
     model.train()
     for module in frozen_modules(model):
         module.eval()  # frozen layers' BatchNorm keeps its running statistics
@@ -466,6 +522,18 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module, device: torch.device,
+                    amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, desc: str,
+                    freeze_bn: bool = False, accum_steps: int = 1, dist: DistContext = SINGLE,
+                    adapter: DomainAdapter | None = None) -> tuple[float, float]:
+    """One pass over the loader; returns (mean loss, accuracy) on the augmented training images of all
+    processes. An optimizer step follows every ``accum_steps`` micro-batches (an incomplete last group is
+    skipped, as a single process drops an incomplete last batch). With ``adapter`` (domain adaptation)
+    each step also draws a target batch and adds its alignment loss."""
+    set_train_mode(model, freeze_bn)
     total_loss, correct, seen = 0.0, 0, 0
     micro_batches = len(loader) // accum_steps * accum_steps
     bar = tqdm(itertools.islice(loader, micro_batches), total=micro_batches, desc=desc, leave=False,
@@ -643,7 +711,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     if cfg.da is not None and dist.world_size > 1:
         raise TlDeployError("--da runs in one process only: start it without torchrun.")
     device = dist.device
-    amp = resolve_amp(cfg.amp, device)
+    amp = resolve_amp(cfg.amp, device)  # refuses --amp fp16 on a CPU before any work
     seed_everything(cfg.seed, cfg.deterministic)
     check_model_name(cfg.model)
     with distributed.local_main_first(dist):  # one process per node prepares the embedded data
@@ -660,7 +728,8 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     class_weights = inverse_frequency(train_samples, num_classes)
     _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", device,
-                 amp or "off", workers, num_classes, len(train_samples), len(splits.val), len(splits.test))
+                 "auto (measured before fine-tuning)" if amp.to_measure else amp.name, workers, num_classes,
+                 len(train_samples), len(splits.val), len(splits.test))
 
     model = build_network(cfg, num_classes)
     if cfg.strategy != "linear":
@@ -733,9 +802,26 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         state.phase, state.epoch = "finetune", 0
         ckpt.save(model, None, None, state)
 
+    finetunes = cfg.strategy in ("finetune", "lp-ft", "partial")
+    if amp.to_measure and finetunes:
+        set_trainable(model, cfg.stages_to_train())
+        net = model if split is None else split[1]
+        batch = distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum_steps, len(train_samples), dist)
+        x = acts["train"][:batch] if split is not None else \
+            torch.randn(batch, 3, spec.input_size, spec.input_size).contiguous(memory_format=torch.channels_last)
+        y = torch.arange(len(x)) % num_classes  # (B,)
+
+        def time_step(dtype: torch.dtype | None) -> float:
+            return time_train_step(net, x.to(device), y.to(device), device, dtype, freeze_bn=cfg.bn == "frozen")
+
+        pending = amp
+        amp = distributed.run_on_main(lambda: measure_amp(pending, time_step), dist)  # rank 0's choice for all
+        _logger.info("amp %s: %s", amp.name, amp.reason)
+    elif amp.to_measure:
+        amp = AmpChoice(None, "auto: fp32, no fine-tuning phase to measure (the probe trains in fp32)")
     prepared = time.perf_counter()
-    if cfg.strategy in ("finetune", "lp-ft", "partial"):
-        run_finetune(model, cfg, splits, train_samples, spec, device, amp, workers, class_weights, state, ckpt,
+    if finetunes:
+        run_finetune(model, cfg, splits, train_samples, spec, device, amp.dtype, workers, class_weights, state, ckpt,
                      loaded, split=split, acts=acts, dist=dist)
     finetuned = time.perf_counter()
     val_acts = acts.pop("val", None)
@@ -784,7 +870,8 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         metrics["target_test_loss"] = target_result.loss
         metrics["splits"]["target_test"] = target_result.to_dict(splits.class_names)
     trained = cfg.stages_to_train()
-    training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": str(amp or "off"),
+    training = {**asdict(cfg), "data": str(data_dir), "device_used": str(device), "amp_used": amp.name,
+                "amp_reason": amp.reason, "amp_step_ms": amp.step_ms,
                 "workers_used": workers, "world_size": dist.world_size,
                 "stages_trained": "all" if trained is None else trained,
                 "frozen_stage_cache": split is not None, "frozen_runtime_used": ",".join(sorted(frozen_used)) or None,

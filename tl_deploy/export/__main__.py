@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from tl_deploy.cli import StderrHandler
 from tl_deploy.errors import TlDeployError
 
 
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[StderrHandler()])
     if not args.verbose:
         logging.getLogger("onnxslim").setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:
