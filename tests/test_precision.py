@@ -139,7 +139,7 @@ def test_auto_measures_the_real_trained_layers(tiny_data: Path, tmp_path: Path,
 
 # ----------------------------------------------------------------------------- forced bf16 (any CPU)
 
-BF16_RTOL, BF16_ATOL = 0.05, 0.02  # bf16 keeps 8 mantissa bits: 2^-8 = 0.4% per rounding, compounded over steps
+BF16_RTOL, BF16_ATOL = 0.05, 0.03  # bf16 keeps 8 mantissa bits; measured here: 0.011 (cache) and 0.007 (accum) at most
 
 
 def assert_close_in_bf16(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

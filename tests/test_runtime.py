@@ -26,7 +26,7 @@ def test_images(tiny_data: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def torch_clf(tiny_artifact: Path):
-    return load(tiny_artifact)
+    return load(tiny_artifact, device="cpu")  # the reference: exact FP32 on every machine, GPU or not
 
 
 def test_artifact_folder_loads_torch(torch_clf, tiny_artifact: Path) -> None:
@@ -50,15 +50,15 @@ def test_predict_accepts_paths_pil_arrays_and_bytes(torch_clf, test_images: list
 
 
 def test_export_folder_auto_falls_back_to_onnxruntime(export_dir: Path) -> None:
-    clf = load(export_dir)  # TensorRT is not usable on this machine (no GPU build): onnxruntime CPU
+    clf = load(export_dir, device="cpu")  # no engine, no GPU: onnxruntime's CPU provider
     assert clf.backend_name == "onnxruntime" and clf.device == "cpu"
     assert clf.precision == "int8" and clf.source.name == "model.int8.cpu.onnx"  # fastest on CPU
-    fp32 = load(export_dir, precision="fp32")
+    fp32 = load(export_dir, precision="fp32", device="cpu")
     assert fp32.precision == "fp32" and fp32.source.name == "model.onnx"
 
 
 def test_onnxruntime_matches_torch(export_dir: Path, torch_clf, test_images: list[Path]) -> None:
-    clf = load(export_dir / "model.onnx", backend="onnxruntime")
+    clf = load(export_dir / "model.onnx", backend="onnxruntime", device="cpu")  # both FP32 on the CPU
     x = torch_clf.preprocess(test_images)  # (N, 3, H, W), the artifact's own preprocessing
     np.testing.assert_array_equal(x[2], prepare(test_images[2], torch_clf.spec))
     assert np.abs(clf.infer(x) - torch_clf.infer(x)).max() <= 1e-4
@@ -66,13 +66,13 @@ def test_onnxruntime_matches_torch(export_dir: Path, torch_clf, test_images: lis
 
 
 def test_int8_runtime_keeps_most_predictions(export_dir: Path, torch_clf, test_images: list[Path]) -> None:
-    int8 = load(export_dir, precision="int8")
+    int8 = load(export_dir, precision="int8", device="cpu")
     same = [a == b for a, b in zip(int8.predict(test_images).labels, torch_clf.predict(test_images).labels)]
     assert np.mean(same) >= 0.8
 
 
 def test_baked_preprocess_file_predicts_like_float_file(export_dir: Path, torch_clf, test_images) -> None:
-    baked = load(export_dir / "model.preprocess.onnx")
+    baked = load(export_dir / "model.preprocess.onnx", device="cpu")
     assert baked.runner.input_layout == "uint8_nhwc"
     assert baked.predict(test_images).labels == torch_clf.predict(test_images).labels
     x = torch_clf.preprocess(test_images[:4])
@@ -80,7 +80,7 @@ def test_baked_preprocess_file_predicts_like_float_file(export_dir: Path, torch_
 
 
 def test_infer_chunks_large_batches(export_dir: Path, torch_clf, test_images) -> None:
-    clf = load(export_dir / "model.onnx")
+    clf = load(export_dir / "model.onnx", device="cpu")
     x = np.repeat(torch_clf.preprocess(test_images[:1]), 70, axis=0)  # > 64 per runner call
     out = clf.infer(x)
     assert out.shape == (70, 3) and np.allclose(out, out[:1], atol=1e-5)
@@ -94,7 +94,7 @@ THREADS, PER_THREAD = 8, 200
 def test_8_threads_x_200_predictions_equal_the_serial_results(which: str, tiny_artifact: Path, export_dir: Path,
                                                               test_images: list[Path]) -> None:
     """One shared classifier per backend; paths, bytes, PIL images and arrays mixed; bit-identical results."""
-    clf = load(tiny_artifact) if which == "torch" else load(export_dir / which)
+    clf = load(tiny_artifact, device="cpu") if which == "torch" else load(export_dir / which, device="cpu")
     assert clf.thread_safe
     inputs: list[object] = []
     for i, path in enumerate(test_images):

@@ -187,7 +187,7 @@ def machine_info(device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         import torch
 
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))  # the GPU timed, not GPU 0
     return info
 
 

@@ -41,6 +41,7 @@ def tensorrt_available() -> bool:
 
 
 def ort_gpu_available() -> bool:
+    """Whether onnxruntime's build has the CUDA provider; ``load`` checks that a session really gets it."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -144,7 +145,9 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     """Load a classifier; ``.backend_name`` and ``.precision`` say what was picked (also logged).
 
     ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
-    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: torch device.
+    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: ``cpu``, ``cuda`` or
+    ``cuda:N``, for torch and onnxruntime (``cpu``: onnxruntime's CPU provider only; None: a GPU when
+    one is usable).
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
     """
@@ -154,7 +157,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     if path.is_file():
         if verify:
             verify_export_file(path)
-        classifier = _load_file(path, backend, providers=providers, threads=threads)
+        classifier = _load_file(path, backend, providers=providers, threads=threads, device=device)
     elif (path / ARTIFACT_CONFIG).is_file():
         if backend not in ("auto", "torch"):
             raise ArtifactError(
@@ -167,18 +170,20 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     elif (path / EXPORT_MANIFEST).is_file():
         manifest = _read_manifest(path)
         files = [f for f in manifest["files"] if isinstance(f, Mapping)]
-        wants_trt = backend in ("auto", "tensorrt") and any(f.get("kind") == "engine" for f in files)
-        entry, reason = choose_export_file(files, backend=backend, precision=precision,
-                                           tensorrt_ok=wants_trt and tensorrt_available(),
-                                           ort_gpu=ort_gpu_available())
-        _logger.info("export folder %s: picked %s (%s)", path, entry["file"], reason)
-        chosen = path / str(entry["file"])
-        if Path(str(entry["file"])).name != str(entry["file"]) or not chosen.is_file():
-            raise ArtifactError(f"{path / EXPORT_MANIFEST} lists {entry['file']!r}, which is not a file there. "
-                                "Re-run the export.")
-        if verify:
-            verify_export_file(chosen, manifest)
-        classifier = _load_file(chosen, "auto", providers=providers, threads=threads)
+        has_engine = any(f.get("kind") == "engine" for f in files)
+        wants_trt = backend in ("auto", "tensorrt") and device != "cpu" and has_engine
+        wants_gpu = device != "cpu" and (providers is None or "CUDAExecutionProvider" in providers)
+        tensorrt_ok = wants_trt and tensorrt_available()
+        ort_gpu = wants_gpu and ort_gpu_available()
+        classifier = _load_from_folder(path, manifest, files, backend=backend, precision=precision,
+                                       tensorrt_ok=tensorrt_ok, ort_gpu=ort_gpu, providers=providers,
+                                       threads=threads, device=device, verify=verify)
+        if ort_gpu and classifier.backend_name == "onnxruntime" and classifier.device == "cpu":
+            # onnxruntime's build lists CUDA, but the session could not start it (logged): the file the
+            # CPU runs fastest instead of the one picked for the GPU.
+            classifier = _load_from_folder(path, manifest, files, backend=backend, precision=precision,
+                                           tensorrt_ok=tensorrt_ok, ort_gpu=False, providers=providers,
+                                           threads=threads, device=device, verify=verify)
     elif path.exists():
         raise ArtifactError(
             f"{path} is neither a model artifact (no {ARTIFACT_CONFIG}) nor an export folder "
@@ -191,8 +196,24 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     return classifier
 
 
+def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence[Mapping[str, Any]], *,
+                      backend: str, precision: str, tensorrt_ok: bool, ort_gpu: bool,
+                      providers: Sequence[str] | None, threads: int | None, device: str | None,
+                      verify: bool) -> Classifier:
+    entry, reason = choose_export_file(files, backend=backend, precision=precision, tensorrt_ok=tensorrt_ok,
+                                       ort_gpu=ort_gpu)
+    _logger.info("export folder %s: picked %s (%s)", folder, entry["file"], reason)
+    chosen = folder / str(entry["file"])
+    if Path(str(entry["file"])).name != str(entry["file"]) or not chosen.is_file():
+        raise ArtifactError(f"{folder / EXPORT_MANIFEST} lists {entry['file']!r}, which is not a file there. "
+                            "Re-run the export.")
+    if verify:
+        verify_export_file(chosen, manifest)
+    return _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
+
+
 def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
-               threads: int | None) -> Classifier:
+               threads: int | None, device: str | None = None) -> Classifier:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         if backend not in ("auto", "onnxruntime"):
@@ -200,9 +221,11 @@ def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
                 f"{path.name} is an ONNX file: load it with backend='onnxruntime' (or build an engine "
                 "with python -m tl_deploy.export MODEL_DIR --trt for backend='tensorrt')."
             )
-        from tl_deploy.runtime.onnxruntime_backend import load_onnx
+        from tl_deploy.runtime.onnxruntime_backend import gpu_index, load_onnx
 
-        return load_onnx(path, providers=providers, threads=threads)
+        if providers is None and device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads)
     if suffix in (".engine", ".plan"):
         if backend not in ("auto", "tensorrt"):
             raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")

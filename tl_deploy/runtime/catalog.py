@@ -157,9 +157,9 @@ def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, de
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
         return load_engine(path)
-    from tl_deploy.runtime.onnxruntime_backend import load_onnx
+    from tl_deploy.runtime.onnxruntime_backend import gpu_index, load_onnx
 
     # The CPU-tuned INT8 file runs where it was tuned for; the others use onnxruntime's default providers.
     providers = ["CPUExecutionProvider"] if choice.name in ("onnx-int8", "onnx-int8-qdq") else None
-    return load_onnx(path, providers=providers, threads=threads, optimize=choice.name != "onnx-int8-qdq",
-                     spin=spin)
+    return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads,
+                     optimize=choice.name != "onnx-int8-qdq", spin=spin)

@@ -61,28 +61,32 @@ class TorchCudaGraphRunner(Runner):
                 f"{torch.cuda.is_available()}): use the torch backend."
             )
         self._torch = torch
-        self.model = model.to(device).eval()  # type: ignore[attr-defined]
-        self.device = device
+        # The GPU is fixed now ("cuda" is the current one): capture and replay run on it whatever device
+        # is current in the calling thread, so a runner given cuda:1 never captures on GPU 0.
+        index = torch.device(device).index
+        self._gpu = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        self.model = model.to(self._gpu).eval()  # type: ignore[attr-defined]
+        self.device = str(self._gpu)
         self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
 
     def _capture(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
         torch = self._torch
-        static_in = torch.zeros(shape, dtype=torch.float32, device=self.device)  # (N, 3, H, W)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        static_in = torch.zeros(shape, dtype=torch.float32, device=self._gpu)  # (N, 3, H, W)
+        side = torch.cuda.Stream(device=self._gpu)
+        side.wait_stream(torch.cuda.current_stream(self._gpu))
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(3):  # cuDNN picks its kernels before capture, on a side stream
                 self.model(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self._gpu).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
+        with torch.no_grad(), torch.cuda.graph(graph, stream=side):
             static_out = self.model(static_in)  # (N, C)
         return graph, static_in, static_out
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with self._lock:
+        with self._lock, torch.cuda.device(self._gpu):
             shape = tuple(int(d) for d in batch.shape)
             if shape not in self._graphs:
                 self._graphs[shape] = self._capture(shape)
