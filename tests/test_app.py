@@ -162,6 +162,8 @@ def test_batch_zip_gives_accuracy_and_confusion(app, app_export: Path, test_imag
     assert not app.exception and not errors(app)
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["images"] == str(len(test_images) + 1) and metrics["unreadable"] == "1"
+    shown = f"Classified {len(test_images) + 1} images on onnxruntime · int8 on cpu · "
+    assert any(c.value.startswith(shown) for c in app.caption), [c.value for c in app.caption]
     labels, _ = load(app_export).predict(test_images)
     truth = [p.parent.name for p in test_images]
     accuracy = np.mean([lab[0] == t for lab, t in zip(labels, truth)])
