@@ -1,8 +1,10 @@
 """Classify target-domain images in the browser on the exported model.
 
 ``streamlit run app/streamlit_app.py [-- --model PATH]`` or ``python -m tl_deploy.app [--model PATH]``.
-Without a model it loads the newest export under export/ (or $TL_DEPLOY_MODEL). The page only lays
-out widgets: models run through ``tl_deploy.runtime``; file handling lives in ``tl_deploy.app``.
+Without a model it loads the newest export under export/ (or $TL_DEPLOY_MODEL). The Batch tab reads
+server folders only under --data-root DIR (or $TL_DEPLOY_DATA_ROOTS; default: the model's training
+data). The page only lays out widgets: models run through ``tl_deploy.runtime``; file handling lives
+in ``tl_deploy.app``.
 Settings (upload size cap, no telemetry) are in app/.streamlit/config.toml.
 """
 
@@ -21,40 +23,29 @@ import streamlit as st
 from tl_deploy import app as lib
 from tl_deploy.errors import TlDeployError
 from tl_deploy.preprocess import denormalize, prepare
-from tl_deploy.runtime import Classifier, load, ort_gpu_available, tensorrt_available
+from tl_deploy.runtime import Classifier
 
 st.set_page_config(page_title="tl_deploy: classify images", layout="wide")
 
 
-def requested_model() -> str | None:
-    """--model after `--` on the streamlit command line, else $TL_DEPLOY_MODEL."""
+def page_args() -> argparse.Namespace:
+    """--model and --data-root after `--` on the streamlit command line, else $TL_DEPLOY_MODEL and
+    $TL_DEPLOY_DATA_ROOTS."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--data-root", action="append", default=None, dest="data_roots")
     args, _ = parser.parse_known_args(sys.argv[1:])
-    return args.model or os.environ.get(lib.MODEL_ENV) or None
-
-
-def stamp(path: Path) -> float:
-    """Changes when the model on disk changes, so the cached classifier is reloaded."""
-    for name in (lib.EXPORT_MANIFEST, lib.ARTIFACT_CONFIG):
-        if (path / name).is_file():
-            return (path / name).stat().st_mtime
-    return path.stat().st_mtime if path.exists() else 0.0
-
-
-@st.cache_resource(show_spinner=False)
-def backends_here() -> tuple[bool, bool, bool]:
-    """(TensorRT usable, onnxruntime CUDA provider, torch installed): probed once per server."""
-    return tensorrt_available(), ort_gpu_available(), lib.torch_available()
+    args.model = args.model or os.environ.get(lib.MODEL_ENV) or None
+    if args.data_roots is None and os.environ.get(lib.DATA_ROOTS_ENV):
+        args.data_roots = os.environ[lib.DATA_ROOTS_ENV].split(os.pathsep)
+    return args
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=8)
 def get_classifier(path: str, backend: str, precision: str, mtime: float) -> Classifier:
-    """Loaded once per (model, backend, precision, file time) and shared by every session."""
-    classifier = load(path, backend=backend, precision=precision)
-    size = classifier.spec.input_size
-    classifier.predict(np.zeros((size, size, 3), np.uint8))  # warm-up, so shown latencies are steady-state
-    return classifier
+    """Loaded once per (model, backend, precision, file time) and shared by every session; the launcher's
+    warmed one when it matches."""
+    return lib.load_warm(Path(path), backend, precision)  # type: ignore[no-any-return]
 
 
 def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[list[str], np.ndarray, float]:
@@ -64,12 +55,13 @@ def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[li
 
 
 # --- Sidebar: model and engine -----------------------------------------------------------------
+# Every choice is a string key unique by construction (kind + resolved folder; backend + precision +
+# folder), so a value coming back from the browser can only mean the entry that was shown.
 
 st.title("Classify images")
-trt_ok, ort_gpu, torch_ok = backends_here()
-wanted = requested_model()
-choices = [Path(wanted)] if wanted else []
-choices += [p for p in lib.find_exports() + lib.find_artifacts() if p.resolve() not in {c.resolve() for c in choices}]
+trt_ok, ort_gpu, torch_ok = lib.backends_here()
+args = page_args()
+choices = {c.key: c for c in lib.model_choices(Path(args.model) if args.model else None)}
 if not choices:
     try:
         lib.default_model()
@@ -79,44 +71,52 @@ if not choices:
 
 with st.sidebar:
     st.header("Model")
-    model_path = st.selectbox("Model", choices, format_func=lambda p: p.name, key="model",
-                              help="Newest export under export/ first; start with --model PATH for another.")
+    model_key = st.selectbox("Model", list(choices), format_func=lambda k: choices[k].label, key="model",
+                             help="The model given at start first, then exports under export/ and artifacts "
+                                  "under models/; start with --model PATH for another.")
+    model_path = choices[model_key].path
     try:
-        engines = lib.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)
+        engines = {e.key: e for e in lib.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)}
     except TlDeployError as exc:
         st.error(str(exc))
         st.stop()
-    labels = [e.label for e in engines]
-    engine = engines[labels.index(st.radio("Backend", labels, key="engine"))]
-    compare_labels = st.multiselect("Compare with", [x for x in labels if x != engine.label], key="compare",
-                                    help="Run every image on these backends too, side by side.")
+    engine = engines[st.radio("Backend", list(engines), format_func=lambda k: engines[k].label, key="engine")]
+    compare_keys = st.multiselect("Compare with", [k for k in engines if k != engine.key],
+                                  format_func=lambda k: engines[k].label, key="compare",
+                                  help="Run every image on these backends too, side by side.")
     found = [name for name, ok in (("TensorRT", trt_ok), ("ONNX Runtime CUDA", ort_gpu), ("PyTorch", torch_ok)) if ok]
     st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"]))
     st.caption(f"Uploads up to {st.get_option('server.maxUploadSize')} MB each; images up to "
                f"{lib.MAX_IMAGE_PIXELS / 1e6:g} MP.")
 
 try:
-    clf = get_classifier(str(engine.path), engine.backend, engine.precision, stamp(engine.path))
+    clf = get_classifier(str(engine.path.resolve()), engine.backend, engine.precision, lib.model_stamp(engine.path))
 except TlDeployError as exc:
     st.error(f"Could not load {engine.path} ({engine.label}): {exc}")
     st.stop()
 others = []
-for other in (e for e in engines if e.label in compare_labels):
+for other in (engines[k] for k in compare_keys if k in engines):
     try:
-        others.append((other, get_classifier(str(other.path), other.backend, other.precision, stamp(other.path))))
+        others.append((other, get_classifier(str(other.path.resolve()), other.backend, other.precision,
+                                             lib.model_stamp(other.path))))
     except TlDeployError as exc:
         st.warning(f"{other.label} not available: {exc}")
 
 st.info(f"Running **{clf.backend_name}** · **{clf.precision}** on {clf.device} · `{Path(clf.source).name}` "
         f"from `{model_path}` · {len(clf.class_names)} classes")
 card = lib.read_model_card(model_path)
+data_roots = [Path(r) for r in args.data_roots] if args.data_roots is not None else lib.default_data_roots(card)
 top_k = min(5, len(clf.class_names))
 
 tab_single, tab_batch, tab_card = st.tabs(["Classify", "Batch", "Model card"])
 
 # --- Single images -----------------------------------------------------------------------------
+# Fragments: an upload or a toggle reruns only its own section, not the sidebar, the model card or
+# the other tab.
 
-with tab_single:
+
+@st.fragment
+def classify_section(clf: Classifier, engine: lib.Engine, others: list[tuple[lib.Engine, Classifier]]) -> None:
     uploads = st.file_uploader("Images", type=list(lib.UPLOAD_TYPES), accept_multiple_files=True, key="images",
                                help="PNG, JPEG, WebP, BMP...; any colour mode (greyscale, palette, alpha, "
                                     "16-bit, CMYK).")
@@ -133,6 +133,7 @@ with tab_single:
     items += [item for item in gallery if item.name in picked]
     if not items:
         st.caption("Upload images or pick samples to classify them.")
+    produced_by = lib.engine_text(clf)
     for item in items:
         st.divider()
         try:
@@ -149,23 +150,28 @@ with tab_single:
                 st.image(seen, caption=f"engine input {seen.shape[1]}x{seen.shape[0]}", width=160)
         with right:
             truth = f" (true: {item.true_label})" if item.true_label else ""
-            st.markdown(f"Prediction: **{top[0]}** · {probs[0]:.1%} · {ms:.1f} ms{truth}")
+            st.markdown(f"Prediction: **{top[0]}** · {probs[0]:.1%} · {ms:.1f} ms · {produced_by}{truth}")
             chart = pd.DataFrame({"class": top, "probability": probs.astype(float)})
             st.bar_chart(chart, x="class", y="probability", horizontal=True, sort="-probability", height=180)
             if others:
-                rows = [{"backend": engine.label, "prediction": top[0], "probability": float(probs[0]),
-                         "ms": round(ms, 2)}]
+                rows = [{"backend": engine.label, "engine": produced_by, "prediction": top[0],
+                         "probability": float(probs[0]), "ms": round(ms, 2)}]
                 for other, other_clf in others:
                     o_top, o_probs, o_ms = predict_timed(other_clf, image, 1)
-                    rows.append({"backend": other.label, "prediction": o_top[0], "probability": float(o_probs[0]),
-                                 "ms": round(o_ms, 2)})
+                    rows.append({"backend": other.label, "engine": lib.engine_text(other_clf),
+                                 "prediction": o_top[0], "probability": float(o_probs[0]), "ms": round(o_ms, 2)})
                 st.dataframe(pd.DataFrame(rows), hide_index=True)
+
 
 # --- Batch -------------------------------------------------------------------------------------
 
-with tab_batch:
-    source = st.radio("Images from", ["zip file", "folder (upload)", "folder on the server"], horizontal=True,
-                      key="batch_source")
+
+@st.fragment
+def batch_section(clf: Classifier, engine: lib.Engine, data_roots: list[Path]) -> None:
+    sources = ["zip file", "folder (upload)"] + (["folder on the server"] if data_roots else [])
+    source = st.radio("Images from", sources, horizontal=True, key="batch_source")
+    if not data_roots:
+        st.caption("Folders on the server: none open (the operator starts the app with --data-root DIR).")
     batch_items: list[lib.ImageItem] | None = None
     try:
         if source == "zip file":
@@ -178,23 +184,27 @@ with tab_batch:
             if files:
                 batch_items = lib.items_from_names([(f.name, f.getvalue()) for f in files], clf.class_names)
         else:
+            roots_text = ", ".join(f"`{r}`" for r in data_roots)
             folder = st.text_input("Folder path", key="folder_path",
-                                   help="Read on the server, never written; class folders (e.g. "
-                                        "data/animal-shape/test) give accuracy.")
+                                   help=f"Under the data roots only ({roots_text}); read, never written. "
+                                        "Class folders (e.g. test) give accuracy.")
+            st.caption(f"Data roots: {roots_text}")
             if folder:
-                batch_items = lib.scan_folder(folder, clf.class_names)
+                resolved = lib.resolve_server_folder(folder, data_roots)
+                batch_items = lib.scan_folder(resolved, clf.class_names, roots=data_roots)
     except TlDeployError as exc:
         st.error(str(exc))
     if batch_items:
-        key = (source, len(batch_items), engine.label, str(model_path))
+        key = (source, len(batch_items), engine.key)
         if st.button(f"Classify {len(batch_items)} images", key="run_batch"):
             bar = st.progress(0.0, text="Classifying...")
             result = lib.classify_items(
                 clf, batch_items, progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total}"))
-            st.session_state["batch"] = (key, result)
+            st.session_state["batch"] = (key, lib.engine_text(clf), result)
         stored = st.session_state.get("batch")
         if stored and stored[0] == key:
-            result = stored[1]
+            _, produced_by, result = stored
+            st.caption(f"Classified {len(result.rows)} images on {produced_by}")
             cols = st.columns(4)
             cols[0].metric("images", len(result.rows))
             cols[1].metric("unreadable", result.errors)
@@ -207,6 +217,12 @@ with tab_batch:
             if result.confusion is not None:
                 st.markdown("Confusion matrix (rows: true class, columns: prediction)")
                 st.dataframe(pd.DataFrame(result.confusion, index=result.class_names, columns=result.class_names))
+
+
+with tab_single:
+    classify_section(clf, engine, others)
+with tab_batch:
+    batch_section(clf, engine, data_roots)
 
 # --- Model card --------------------------------------------------------------------------------
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -105,17 +112,45 @@ def test_bad_uploads_give_messages_and_the_page_keeps_serving(app, test_images: 
     assert len(prediction_lines(app)) == 1  # the good image is still classified
 
 
-def test_backend_switch_and_side_by_side_comparison(app) -> None:
+def test_backend_switch_and_side_by_side_comparison(app, app_export: Path) -> None:
     labels = app.radio(key="engine").options
     assert labels[:3] == ["fastest available", "ONNX Runtime INT8", "ONNX Runtime FP32"] and "PyTorch" in labels
-    app.radio(key="engine").set_value("ONNX Runtime FP32").run()
+    engines = {e.label: e.key for e in lib.available_engines(app_export, tensorrt_ok=False, torch_ok=True)}
+    app.radio(key="engine").set_value(engines["ONNX Runtime FP32"]).run()
     assert "**fp32**" in app.info[0].value
-    app.multiselect(key="compare").set_value(["ONNX Runtime INT8", "PyTorch"]).run()
+    app.multiselect(key="compare").set_value([engines["ONNX Runtime INT8"], engines["PyTorch"]]).run()
     app.multiselect(key="samples").set_value([app.multiselect(key="samples").options[0]]).run()
     assert not app.exception and not errors(app)
+    assert "· onnxruntime · fp32 on cpu · model.onnx" in prediction_lines(app)[0]
     table = app.dataframe[0].value
     assert list(table["backend"]) == ["ONNX Runtime FP32", "ONNX Runtime INT8", "PyTorch"]
+    assert list(table["engine"].str.split(" ·").str[0]) == ["onnxruntime", "onnxruntime", "torch"]
     assert table["prediction"].iloc[0] == table["prediction"].iloc[2]  # FP32 ONNX and PyTorch agree
+
+
+def test_model_choices_stay_apart_when_an_export_and_its_artifact_share_a_name(
+        app_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = app_export.parent.parent  # export/tiny and models/tiny, as `make demo` leaves them
+    monkeypatch.chdir(project)
+    choices = lib.model_choices(app_export.resolve())
+    assert [c.path.resolve() for c in choices] == [app_export.resolve(), (project / "models" / "tiny").resolve()]
+    assert len({c.key for c in choices}) == len({c.label for c in choices}) == 2
+    assert [c.label for c in choices] == ["tiny (export) · export/tiny", "tiny (artifact, PyTorch) · models/tiny"]
+    engines = lib.available_engines(app_export, tensorrt_ok=False, torch_ok=True)
+    assert len({e.key for e in engines}) == len(engines)
+
+
+def test_page_keeps_the_chosen_model_through_reruns(app_export: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    test_images: list[Path]) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(app_export.parent.parent)
+    monkeypatch.setenv(lib.MODEL_ENV, str(app_export))
+    at = AppTest.from_file(str(SCRIPT), default_timeout=300).run()
+    assert at.selectbox(key="model").value == f"export:{app_export.resolve()}"
+    at.file_uploader(key="images").set_value((test_images[0].name, test_images[0].read_bytes(), "image/png")).run()
+    assert at.selectbox(key="model").value == f"export:{app_export.resolve()}"
+    assert "onnxruntime" in at.info[0].value and "· onnxruntime · int8" in prediction_lines(at)[0]
 
 
 def test_batch_zip_gives_accuracy_and_confusion(app, app_export: Path, test_images: list[Path]) -> None:
@@ -127,6 +162,8 @@ def test_batch_zip_gives_accuracy_and_confusion(app, app_export: Path, test_imag
     assert not app.exception and not errors(app)
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["images"] == str(len(test_images) + 1) and metrics["unreadable"] == "1"
+    shown = f"Classified {len(test_images) + 1} images on onnxruntime · int8 on cpu · "
+    assert any(c.value.startswith(shown) for c in app.caption), [c.value for c in app.caption]
     labels, _ = load(app_export).predict(test_images)
     truth = [p.parent.name for p in test_images]
     accuracy = np.mean([lab[0] == t for lab, t in zip(labels, truth)])
@@ -221,7 +258,7 @@ def test_read_zip_limits_and_labels() -> None:
 
 
 def test_scan_folder_and_classify_items(app_export: Path, tiny_data: Path, tmp_path: Path) -> None:
-    items = lib.scan_folder(tiny_data / "test", TINY_CLASSES)
+    items = lib.scan_folder(tiny_data / "test", TINY_CLASSES, roots=[tiny_data])
     assert len(items) == 24 and {i.true_label for i in items} == set(TINY_CLASSES)
     items.append(lib.ImageItem("bad.png", b"junk", "circle"))
     clf = load(app_export, precision="fp32")
@@ -251,13 +288,165 @@ def test_finding_models_and_engines(app_export: Path, tmp_path: Path) -> None:
     assert len(lib.sample_gallery(card, TINY_CLASSES, per_class=2)) == 6
 
 
-def test_launcher(app_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cmd = lib.streamlit_command(app_export, 8600, "127.0.0.1")
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(SCRIPT)
-    assert cmd[5:] == ["--server.port", "8600", "--server.address", "127.0.0.1", "--", "--model", str(app_export)]
+def test_launcher(app_export: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str],
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    args = lib.streamlit_args(app_export, 8600, "127.0.0.1", [tiny_data])
+    assert args[:2] == ["run", str(SCRIPT)]
+    assert args[2:] == ["--server.address", "127.0.0.1", "--server.port", "8600", "--", "--model", str(app_export),
+                        "--data-root", str(tiny_data)]
     assert lib.main(["--model", "/nonexistent/model"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: Model not found: /nonexistent/model.") and "Traceback" not in err
+    assert lib.main(["--model", str(app_export), "--data-root", "/nonexistent/data"]) == 1
+    assert capsys.readouterr().err.startswith("error: --data-root /nonexistent/data is not a folder")
+
+    served: list[list[str]] = []
+    monkeypatch.setattr(lib, "serve", lambda args: served.append(list(args)) or 0)
+    assert lib.main(["--model", str(app_export)]) == 0  # loopback unless asked: no warning
+    assert served[-1][2:4] == ["--server.address", "127.0.0.1"] and "warning" not in capsys.readouterr().err
+    assert lib.get_args_parser().parse_args([]).address == "127.0.0.1"
+    assert lib.main(["--model", str(app_export), "--address", "0.0.0.0"]) == 0
+    assert served[-1][2:4] == ["--server.address", "0.0.0.0"]
+    assert "warning: serving on 0.0.0.0, not only this machine" in capsys.readouterr().err
+    assert lib.is_loopback("::1") and lib.is_loopback("localhost") and not lib.is_loopback("192.168.1.4")
+
+
+def test_launcher_warms_the_model_the_page_opens_on(app_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lib, "serve", lambda args: 0)
+    monkeypatch.setattr(lib, "_WARMED", {})
+    assert lib.main(["--model", str(app_export)]) == 0
+    [(path, backend, precision, _)] = lib._WARMED
+    assert (path, backend, precision) == (str(app_export.resolve()), "auto", "auto")
+    warmed = next(iter(lib._WARMED.values()))
+    assert lib.load_warm(app_export, "auto", "auto") is warmed and not lib._WARMED  # taken once
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_the_server(app_export: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    port = lib.free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "tl_deploy.app", "--model", str(app_export), "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        lib.wait_until_serving(f"http://127.0.0.1:{port}", proc, timeout=300)
+        os.kill(proc.pid, sig)  # the launcher only, as a service manager or Ctrl+C does
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # nothing of the launcher's session keeps running or serving
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+# --- Server folders: only under the data roots -------------------------------------------------
+
+
+@pytest.fixture()
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    (root / "test" / "circle").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "test" / "circle" / "a.png")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "b.png")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    return root
+
+
+def test_server_folder_inside_the_roots(data_root: Path) -> None:
+    assert lib.resolve_server_folder("test", [data_root]) == (data_root / "test").resolve()
+    assert lib.resolve_server_folder(str(data_root / "test"), [data_root]) == (data_root / "test").resolve()
+    assert lib.resolve_server_folder(str(data_root), [data_root]) == data_root.resolve()
+    items = lib.scan_folder(data_root, TINY_CLASSES, roots=[data_root])
+    assert [i.name for i in items] == ["test/circle/a.png"]  # the folder link out is not followed
+
+
+@pytest.mark.parametrize("typed", ["../secret", "test/../../secret", "/usr/share", "/", "escape", "escape/"])
+def test_server_folder_escapes_are_refused(data_root: Path, typed: str) -> None:
+    with pytest.raises(DataError, match=r"contains '\.\.'|outside the data roots"):
+        lib.resolve_server_folder(typed, [data_root])
+
+
+def test_server_folders_need_a_root_and_file_links_out_refuse_the_folder(data_root: Path) -> None:
+    with pytest.raises(DataError, match="No server folders are open.*--data-root DIR"):
+        lib.resolve_server_folder("test", [])
+    (data_root / "test" / "circle" / "link.png").symlink_to(data_root.parent / "secret" / "b.png")
+    with pytest.raises(DataError, match="link.png links outside the data roots"):
+        lib.scan_folder(data_root / "test", TINY_CLASSES, roots=[data_root])
+
+
+def test_server_folder_walk_is_bounded_while_it_runs(tmp_path: Path) -> None:
+    for i in range(30):
+        (tmp_path / f"d{i:02d}").mkdir()
+        for j in range(30):
+            (tmp_path / f"d{i:02d}" / f"{j}.txt").write_bytes(b"")
+    seen: list[str] = []
+    real_walk = os.walk
+
+    def counting_walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for entry in real_walk(*args, **kwargs):
+            seen.append(entry[0])
+            yield entry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "walk", counting_walk)
+        with pytest.raises(DataError, match="holds more than 100 files and folders"):
+            lib.scan_folder(tmp_path, TINY_CLASSES, max_entries=100)
+    assert len(seen) < 10  # stopped early, not after listing all 31 folders
+    with pytest.raises(DataError, match="More than 2 images"):
+        lib.scan_folder(data_dir_with_images(tmp_path / "imgs", 5), TINY_CLASSES, max_files=2)
+
+
+def data_dir_with_images(root: Path, n: int) -> Path:
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (4, 4)).save(root / f"{i}.png")
+    return root
+
+
+def test_page_reads_server_folders_only_under_the_data_roots(app_export: Path, data_root: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(data_root.parent)
+    monkeypatch.setenv(lib.MODEL_ENV, str(app_export))
+    monkeypatch.setenv(lib.DATA_ROOTS_ENV, str(data_root))
+    at = AppTest.from_file(str(SCRIPT), default_timeout=300).run()
+    at.radio(key="batch_source").set_value("folder on the server").run()
+    for typed in ("/usr/share", "../secret", "escape"):
+        at.text_input(key="folder_path").set_value(typed).run()
+        assert not at.exception
+        assert any("outside the data roots" in m or "contains '..'" in m for m in errors(at)), typed
+        assert not at.button  # nothing to classify
+    at.text_input(key="folder_path").set_value("test").run()
+    assert not errors(at) and at.button(key="run_batch").label == "Classify 1 images"
+
+
+def test_page_offers_no_server_folders_without_a_root(tiny_artifact: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(tmp_path)
+    assert "data" not in json.loads((tiny_artifact / "config.json").read_text())["training"]  # no data folder
+    monkeypatch.setenv(lib.MODEL_ENV, str(tiny_artifact))
+    monkeypatch.delenv(lib.DATA_ROOTS_ENV, raising=False)
+    at = AppTest.from_file(str(SCRIPT), default_timeout=300).run()
+    assert not at.exception and not errors(at), errors(at)
+    assert at.radio(key="batch_source").options == ["zip file", "folder (upload)"]
+    assert any("none open" in c.value for c in at.caption)
 
 
 def test_upload_cap_is_in_the_apps_config() -> None:

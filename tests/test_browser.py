@@ -1,14 +1,20 @@
-"""End to end in a real browser: the app started by `python -m tl_deploy.app` (which runs `streamlit run`),
-driven by Playwright in Debian's headless Chromium (never a downloaded browser)."""
+"""End to end in a real browser: the app started by `python -m tl_deploy.app`, driven by Playwright in
+Debian's headless Chromium (never a downloaded browser), along the path a user takes. After every step
+the test asserts which engine produced each prediction on the page: the browser's round trip of widget
+values is what Streamlit's AppTest cannot see."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +26,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ROOT = Path(__file__).resolve().parents[1]
+WAIT_MS = 60_000  # a ceiling for busy machines; each step normally takes well under a second
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs /usr/bin/chromium: apt-get install -y chromium chromium-driver")
@@ -30,20 +37,21 @@ def server(app_export: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (tmp_path / "server.log").open("wb")
-    # Started from an unrelated folder: the app's config (upload cap) must apply wherever it is launched.
-    proc = subprocess.Popen([sys.executable, "-m", "tl_deploy.app", "--model", str(app_export), "--port", str(port),
-                             "--address", "127.0.0.1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    # Started in the project folder, as after `make demo`: export/tiny and models/tiny are both listed,
+    # under the same run name, so the model choices must stay apart through every browser round trip.
+    proc = subprocess.Popen([sys.executable, "-m", "tl_deploy.app", "--model", str(app_export), "--port", str(port)],
+                            cwd=app_export.parent.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_until_serving(url, proc, timeout=300)  # a ceiling for busy machines
+            wait_until_serving(url, proc, timeout=300)
         except TlDeployError as exc:
             log.flush()
             raise RuntimeError(f"{exc}; server log:\n{(tmp_path / 'server.log').read_text()[-3000:]}") from exc
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the launcher and the streamlit server it started
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -52,30 +60,64 @@ def server(app_export: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_upload_in_a_real_browser_shows_the_right_class(server: str, app_export: Path, tiny_data: Path,
-                                                        tmp_path: Path) -> None:
+def expect_engine(page: Any, engine: str, predictions: int) -> None:
+    """The banner names ``engine``, and so does each of the ``predictions`` prediction lines shown."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("[data-testid='stAlert']").filter(has_text="Running")).to_contain_text(
+        f"Running {engine}", timeout=WAIT_MS)
+    lines = page.locator("[data-testid='stMarkdown']").filter(has_text=re.compile(r"^Prediction: "))
+    expect(lines).to_have_count(predictions, timeout=WAIT_MS)
+    expect(lines.filter(has_text=f"· {engine} ")).to_have_count(predictions, timeout=WAIT_MS)
+
+
+def test_user_path_every_prediction_comes_from_the_engine_shown(server: str, app_export: Path, tiny_data: Path,
+                                                                tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    # A real test image the tiny model classifies right, so the label on the page is the true class.
     images = sorted((tiny_data / "test").rglob("*.png"))
-    labels, _ = load(app_export).predict(images)
-    right = [(p, lab[0]) for p, lab in zip(images, labels) if lab[0] == p.parent.name]
-    assert right, "the tiny model gets no test image right; the fixture changed"
-    image, label = right[0]
-    wrong = sorted({p.parent.name for p in images} - {label})
+    labels, _ = load(app_export, backend="onnxruntime", precision="int8").predict(images)
+    first, second = images[0], images[-1]
+    zip_path = tmp_path / "set.zip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in images:
+            zf.write(p, f"set/{p.parent.name}/{p.name}")
+    zip_path.write_bytes(buf.getvalue())
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            # 1. Open: the fastest file here, INT8 on ONNX Runtime's CPU provider.
             page.goto(server)
-            expect(page.get_by_text("Uploads up to 50 MB each")).to_be_visible(timeout=60_000)
-            page.locator("[data-testid='stFileUploader'] input[type='file']").first.set_input_files(image)
-            prediction = page.get_by_text(f"Prediction: {label} ·")
-            expect(prediction).to_be_visible(timeout=60_000)
-            for other in wrong:
-                expect(page.get_by_text(f"Prediction: {other} ·")).to_have_count(0)
-            expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible(timeout=60_000)  # top-5
+            expect(page.get_by_text("Uploads up to 50 MB each")).to_be_visible(timeout=WAIT_MS)
+            expect_engine(page, "onnxruntime · int8", 0)
+            uploader = page.locator("input[type='file'][accept*='.png']").first
+            # 2. Upload one image: its prediction, and the engine next to it.
+            uploader.set_input_files(first)
+            expect(page.get_by_text(f"Prediction: {labels[0][0]} ·")).to_be_visible(timeout=WAIT_MS)
+            expect_engine(page, "onnxruntime · int8", 1)
+            # 3. Upload a second image: both shown, both from the same engine.
+            uploader.set_input_files(second)
+            expect_engine(page, "onnxruntime · int8", 2)
+            # 4. Switch tab.
+            page.get_by_role("tab", name="Batch").click()
+            expect_engine(page, "onnxruntime · int8", 2)
+            # 5. Batch zip: the results say which engine classified them.
+            page.locator("input[type='file'][accept*='.zip']").set_input_files(zip_path)
+            page.get_by_role("button", name=f"Classify {len(images)} images").click()
+            expect(page.get_by_text(f"Classified {len(images)} images on onnxruntime · int8")).to_be_visible(
+                timeout=WAIT_MS)
+            expect_engine(page, "onnxruntime · int8", 2)
+            # 6. Switch the backend explicitly, then back: every prediction follows the switch.
+            sidebar = page.get_by_test_id("stSidebar")
+            sidebar.get_by_text("ONNX Runtime FP32", exact=True).click()
+            expect_engine(page, "onnxruntime · fp32", 2)
+            page.get_by_role("tab", name="Classify").click()
+            expect_engine(page, "onnxruntime · fp32", 2)
+            sidebar.get_by_text("ONNX Runtime INT8", exact=True).click()
+            expect_engine(page, "onnxruntime · int8", 2)
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

@@ -1,5 +1,6 @@
 """What the Streamlit front end needs that is not drawing: finding models, reading uploads safely,
-batch classification and the model card. ``python -m tl_deploy.app [--model PATH]`` starts the app.
+batch classification, the model card and the launcher. ``python -m tl_deploy.app [--model PATH]`` starts
+the app on 127.0.0.1, with the default model loaded and warmed before the server answers.
 
 The page itself (``app/streamlit_app.py``) only lays out widgets; everything here is plain Python,
 unit-tested without a browser. Uploads are read in memory: nothing is extracted or written to disk.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import importlib
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -32,6 +36,7 @@ _logger = logging.getLogger(__name__)
 
 APP_SCRIPT = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 MODEL_ENV = "TL_DEPLOY_MODEL"  # model path for the page when no --model is given (tests, services)
+DATA_ROOTS_ENV = "TL_DEPLOY_DATA_ROOTS"  # server folders the page may read, os.pathsep-separated, when no --data-root
 EXPORT_ROOT = Path("export")  # where `python -m tl_deploy.export` writes by default
 MODELS_ROOT = Path("models")  # where `python -m tl_deploy.finetune` writes by default
 EXPORT_MANIFEST = "export.json"
@@ -42,6 +47,12 @@ MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: a large photo; decoding more could exhau
 MAX_ZIP_FILES = 10_000  # images in one zip
 MAX_ZIP_BYTES = 512 * 1024 * 1024  # uncompressed bytes read from one zip (zip bombs)
 BATCH_CHUNK = 32  # images per predict() call in batch mode
+MAX_WALK_ENTRIES = 100_000  # files and folders looked at in one server-folder walk, images or not
+MAX_WALK_SECONDS = 10.0  # a server-folder walk stops here, whatever it has found
+LOOPBACK_NAMES = ("localhost",)
+# What the page's first run and first prediction would otherwise import while a visitor waits
+# (measured: pyarrow for tables, altair for the top-5 chart); imported by the launcher before serving.
+PAGE_IMPORTS = ("pandas", "pyarrow", "altair", "tl_deploy.parity", "tl_deploy.reports")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +102,98 @@ class Engine:
     path: Path
     backend: str
     precision: str = "auto"
+
+    @property
+    def key(self) -> str:
+        """What runs, as one string: the same key always loads the same file on the same backend."""
+        return f"{self.backend}:{self.precision}:{self.path.resolve()}"
+
+
+def _kind(path: Path) -> str:
+    if path.is_file():
+        return "file"
+    return "artifact" if (path / ARTIFACT_CONFIG).is_file() else "export"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the page's model list: its key is unique by construction (kind and resolved folder)."""
+
+    path: Path
+    kind: str  # "export", "artifact" or "file"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.path.resolve()}"
+
+    @property
+    def label(self) -> str:
+        """Name, what it is and where: an export and its artifact share a run name but never a label."""
+        resolved = self.path.resolve()
+        try:
+            where = str(resolved.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            where = str(resolved)
+        what = {"export": "export", "artifact": "artifact, PyTorch", "file": "file"}[self.kind]
+        return f"{resolved.name} ({what}) · {where}"
+
+
+def model_choices(wanted: Path | None, export_root: str | os.PathLike[str] = EXPORT_ROOT,
+                  models_root: str | os.PathLike[str] = MODELS_ROOT) -> list[ModelChoice]:
+    """The model given at start first, then the exports and artifacts found, each folder once."""
+    paths = ([wanted] if wanted is not None else []) + find_exports(export_root) + find_artifacts(models_root)
+    choices: dict[str, ModelChoice] = {}
+    for path in paths:
+        choice = ModelChoice(path, _kind(path))
+        choices.setdefault(choice.key, choice)
+    return list(choices.values())
+
+
+def engine_text(classifier: Any) -> str:
+    """What produced a prediction, in the words the page uses next to it: backend, precision, device, file."""
+    return f"{classifier.backend_name} · {classifier.precision} on {classifier.device} · {Path(classifier.source).name}"
+
+
+def model_stamp(path: Path) -> float:
+    """Changes when the model on disk changes, so a cached classifier is reloaded."""
+    for name in (EXPORT_MANIFEST, ARTIFACT_CONFIG):
+        if (path / name).is_file():
+            return (path / name).stat().st_mtime
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@functools.cache
+def backends_here() -> tuple[bool, bool, bool]:
+    """(TensorRT usable, onnxruntime CUDA provider, torch installed): probed once per process."""
+    from tl_deploy.runtime import ort_gpu_available, tensorrt_available
+
+    return tensorrt_available(), ort_gpu_available(), torch_available()
+
+
+# Classifiers loaded by the launcher before the server answers, taken by the page's first session.
+_WARMED: dict[tuple[str, str, str, float], Any] = {}
+
+
+def load_warm(path: Path, backend: str, precision: str) -> Any:
+    """A classifier loaded and run once on a blank image, so the first latency a user sees is steady-state;
+    the one the launcher warmed for this (file, backend, precision, file time) when there is one."""
+    key = (str(path.resolve()), backend, precision, model_stamp(path))
+    if key in _WARMED:
+        return _WARMED.pop(key)
+    from tl_deploy.runtime import load
+
+    classifier = load(path, backend=backend, precision=precision)
+    size = classifier.spec.input_size
+    classifier.predict(np.zeros((size, size, 3), np.uint8))
+    return classifier
+
+
+def warm_start(model: Path) -> None:
+    """Load the engine the page opens on (the first of ``available_engines``) into the warm cache."""
+    trt_ok, _, torch_ok = backends_here()
+    engine = available_engines(model, tensorrt_ok=trt_ok, torch_ok=torch_ok)[0]
+    classifier = load_warm(engine.path, engine.backend, engine.precision)
+    _WARMED[(str(engine.path.resolve()), engine.backend, engine.precision, model_stamp(engine.path))] = classifier
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -237,17 +340,72 @@ def read_zip(data: bytes, class_names: Sequence[str], *, max_files: int = MAX_ZI
     return items
 
 
-def scan_folder(root: str | os.PathLike[str], class_names: Sequence[str], max_files: int = MAX_ZIP_FILES,
-                ) -> list[ImageItem]:
-    """Images under a folder (recursively), labelled by their class folder when it is a known class."""
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def resolve_server_folder(text: str, roots: Sequence[Path]) -> Path:
+    """The folder a visitor typed, resolved (symlinks followed) and checked to lie under one of ``roots``.
+
+    Relative paths are read under each root in turn. ``..`` is refused as typed, and a path whose real
+    location is outside every root (an absolute path elsewhere, a symlink out) is refused after resolving.
+    """
+    if not roots:
+        raise DataError("No server folders are open to this page: the operator starts the app with "
+                        "--data-root DIR to allow them. Upload a zip or a folder instead.")
+    named = ", ".join(str(r) for r in roots)
+    raw = Path(text.strip()).expanduser()
+    if ".." in raw.parts:
+        raise DataError(f"Folder {text!r} contains '..': give a folder under the data roots ({named}).")
+    real_roots = [r.resolve() for r in roots]
+    candidates = [raw] if raw.is_absolute() else [root / raw for root in real_roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if not _under(resolved, real_roots):
+            raise DataError(f"Folder {text!r} is outside the data roots ({named}): the page reads only "
+                            "under them. Start the app with --data-root DIR to add a root.")
+        if resolved.is_dir():
+            return resolved
+    raise DataError(f"Folder not found: {text!r} under the data roots ({named}). Give a folder of images "
+                    "(or of class folders).")
+
+
+def scan_folder(root: str | os.PathLike[str], class_names: Sequence[str], max_files: int = MAX_ZIP_FILES, *,
+                roots: Sequence[Path] | None = None, max_entries: int = MAX_WALK_ENTRIES,
+                max_seconds: float = MAX_WALK_SECONDS) -> list[ImageItem]:
+    """Images under a folder (recursively), labelled by their class folder when it is a known class.
+
+    The walk is bounded while it runs: it stops at ``max_files`` images, ``max_entries`` entries or
+    ``max_seconds``. Folder symlinks are not followed; a file symlink whose target is outside ``roots``
+    (default: ``root`` itself) refuses the folder.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Folder not found: {root}. Give a folder of images (or of class folders).")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image_name(p.name))
+    real_roots = [r.resolve() for r in (roots if roots is not None else [root])]
+    deadline = time.monotonic() + max_seconds
+    paths: list[Path] = []
+    seen = 0
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen += len(dirs) + len(files)
+        if seen > max_entries or time.monotonic() > deadline:
+            raise DataError(f"{root} holds more than {min(seen, max_entries)} files and folders (or took over "
+                            f"{max_seconds:g} s to list): pick a smaller folder.")
+        for name in files:
+            if not _is_image_name(name):
+                continue
+            path = Path(folder) / name
+            if path.is_symlink() and not _under(path.resolve(), real_roots):
+                raise DataError(f"{path} links outside the data roots; the folder was refused. Remove the link.")
+            if not path.is_file():
+                continue
+            paths.append(path)
+            if len(paths) > max_files:
+                raise DataError(f"More than {max_files} images under {root}: pick a smaller folder.")
     if not paths:
         raise DataError(f"No images ({', '.join(UPLOAD_TYPES)}) under {root}.")
-    if len(paths) > max_files:
-        raise DataError(f"{len(paths)} images under {root}, more than {max_files}: pick a smaller folder.")
+    paths.sort()
     return [ImageItem(str(p.relative_to(root)), p, _label_from_parts(p.relative_to(root).parts, class_names))
             for p in paths]
 
@@ -428,6 +586,12 @@ def training_data(card: ModelCard) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+def default_data_roots(card: ModelCard) -> list[Path]:
+    """The server folders the page may read when the operator names none: the model's own training data."""
+    data = training_data(card)
+    return [data.resolve()] if data is not None else []
+
+
 def sample_gallery(card: ModelCard, class_names: Sequence[str], per_class: int = 2) -> list[ImageItem]:
     """A few images per class from the test split of the training data (val when there is no test)."""
     data = training_data(card)
@@ -455,23 +619,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None,
                    help="export folder, model artifact folder or .onnx/.engine file (default: newest under export/)")
     p.add_argument("--port", type=int, default=None, help="port to serve on (default: Streamlit's, 8501)")
-    p.add_argument("--address", default=None, help="address to bind (default: Streamlit's)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only); 0.0.0.0 serves every "
+                        "interface and prints a warning")
+    p.add_argument("--data-root", type=Path, action="append", default=None, dest="data_roots", metavar="DIR",
+                   help="a server folder the Batch tab may read, repeatable (default: the model's own "
+                        "training data when it is on disk, else none)")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
     return p
 
 
-def streamlit_command(model: Path | None, port: int | None, address: str | None) -> list[str]:
-    """``streamlit run app/streamlit_app.py`` with the options; the app's .streamlit/config.toml applies."""
+def is_loopback(address: str) -> bool:
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def streamlit_args(model: Path | None, port: int | None, address: str,
+                   data_roots: Sequence[Path] | None = None) -> list[str]:
+    """``streamlit run app/streamlit_app.py`` arguments; the app's .streamlit/config.toml applies."""
     if not APP_SCRIPT.is_file():
         raise TlDeployError(f"App script not found: {APP_SCRIPT}. Run from a tl_deploy source checkout.")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT)]
+    args = ["run", str(APP_SCRIPT), "--server.address", address]
     if port is not None:
-        cmd += ["--server.port", str(port)]
-    if address is not None:
-        cmd += ["--server.address", address]
-    if model is not None:
-        cmd += ["--", "--model", str(model.resolve())]
-    return cmd
+        args += ["--server.port", str(port)]
+    page = ["--model", str(model.resolve())] if model is not None else []
+    for root in data_roots or []:
+        page += ["--data-root", str(root.resolve())]
+    return args + (["--", *page] if page else [])
+
+
+def serve(args: Sequence[str]) -> int:
+    """Run Streamlit's server in this process, so SIGTERM and SIGINT stop it (Streamlit's own handlers)
+    and the classifier warmed here is the one the page uses: no child process is left behind."""
+    from streamlit.web import cli as streamlit_cli
+
+    try:
+        streamlit_cli.main(args=list(args), prog_name="streamlit", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -480,14 +670,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         if args.model is not None and not args.model.exists():
             raise ArtifactError(f"Model not found: {args.model}. Give an export folder, artifact folder or .onnx file.")
-        command = streamlit_command(args.model, args.port, args.address)
+        if args.port is not None and not 1 <= args.port <= 65535:
+            raise TlDeployError(f"Invalid --port {args.port}: give a port from 1 to 65535.")
+        for root in args.data_roots or []:
+            if not root.is_dir():
+                raise DataError(f"--data-root {root} is not a folder: give an existing folder of images.")
+        command = streamlit_args(args.model, args.port, args.address, args.data_roots)
+        if not is_loopback(args.address):
+            print(f"warning: serving on {args.address}, not only this machine: anyone who can reach this port can "
+                  "classify images and read the folders under the data roots. Use --address 127.0.0.1 to serve "
+                  "this machine only.", file=sys.stderr)
         try:
-            return subprocess.call(command)
-        except KeyboardInterrupt:  # Ctrl+C reaches the server too: the normal way to stop it
-            return 0
+            model = args.model or default_model()
+        except ArtifactError:
+            model = None  # the page says what to run
+        if model is not None:
+            _logger.info("loading %s before serving", model)
+            warm_start(model)
+        for name in PAGE_IMPORTS:  # paid here rather than by the first visitor
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+        return serve(command)
 
     return run_cli(body, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package module, so the classifier warmed here sits where the page looks for it.
+    from tl_deploy.app import main as package_main
+
+    sys.exit(package_main())
