@@ -269,14 +269,15 @@ class ParityReport:
 
 def read_export_manifest(export_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The export folder's ``export.json``, or a clear error saying how to make one."""
-    from tl_deploy.runtime import EXPORT_MANIFEST, _read_manifest
+    from tl_deploy.runtime import EXPORT_MANIFEST
+    from tl_deploy.runtime import read_export_manifest as read_checked
 
     if not (export_dir / EXPORT_MANIFEST).is_file():
         raise ArtifactError(
             f"Export folder not found: {export_dir} (no {EXPORT_MANIFEST}). Run python -m tl_deploy.export "
             f"{model_dir} --int8, or pass --export DIR."
         )
-    return _read_manifest(export_dir)
+    return read_checked(export_dir)
 
 
 def load_samples(data: Path, split: str, class_names: Sequence[str], limit: int | None) -> list[tuple[Path, int]]:
@@ -312,8 +313,11 @@ def preprocess_all(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
 def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Path | None = None,
                split: str = "test", backends: Sequence[str] = tuple(EXPORT_BACKENDS),
                tolerance: Mapping[str, Tolerance] = DEFAULT_TOLERANCES, limit: int | None = None,
-               device: str = "cpu", threads: int | None = None) -> ParityReport:
-    """Compare each of ``backends`` with the artifact's PyTorch model on ``split`` of ``data``."""
+               device: str = "cpu", threads: int | None = None, verify: bool = True) -> ParityReport:
+    """Compare each of ``backends`` with the artifact's PyTorch model on ``split`` of ``data``.
+
+    ``verify``: check the artifact's manifest and each export file's sha256 (``False``: compare
+    modified files deliberately)."""
     from tl_deploy.artifact import read_config
     from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
 
@@ -335,7 +339,8 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
                                cuda_problem=cuda_problem() if device.startswith("cuda") else None)
 
     start = time.perf_counter()
-    reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device)
+    reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device,
+                                 verify=verify)
     samples = load_samples(data, split, reference_clf.class_names, limit)
     paths = [path for path, _ in samples]
     labels = np.array([label for _, label in samples])  # (N,)
@@ -357,7 +362,7 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
                                          reason=choice.skip_reason))
             continue
         results.append(_check_backend(choice, model_dir, export_dir, reference_clf.metadata, reference, labels,
-                                      names, inputs, paths, tolerance[choice.precision], threads))
+                                      names, inputs, paths, tolerance[choice.precision], threads, verify))
         _logger.debug("%s", results[-1].line())
     return ParityReport(model_dir=str(model_dir), export_dir=str(export_dir), data=str(data), split=split,
                         images=len(labels), reference=reference_info, results=results,
@@ -367,10 +372,10 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
 def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, reference_meta: OnnxMetadata,
                    reference: np.ndarray, labels: np.ndarray, names: list[str],
                    inputs: dict[PreprocessSpec, np.ndarray], paths: list[Path], tolerance: Tolerance,
-                   threads: int | None) -> BackendResult:
+                   threads: int | None, verify: bool) -> BackendResult:
     start = time.perf_counter()
     try:
-        clf = open_backend(choice, model_dir, export_dir, threads=threads)
+        clf = open_backend(choice, model_dir, export_dir, threads=threads, verify=verify)
     except BackendUnavailableError as exc:
         return BackendResult(choice.name, choice.precision, choice.file, "skipped", reason=str(exc))
     except TlDeployError as exc:  # a file that does not load is a broken export
@@ -425,6 +430,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (default cpu: exact FP32)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--report", type=Path, help="report path stem (default: <export>.parity-<split>, .json and .md)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="compare files that no longer match their sha256 (artifact manifest, export.json)")
     add_verbose(p)
     return p
 
@@ -437,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = parse_backends(args.backends)
         export_dir = args.export or Path("export") / args.model_dir.resolve().name
         report = run_parity(args.model_dir, export_dir, data=args.data, split=args.split, backends=backends,
-                            tolerance=tol, limit=args.limit, device=args.device, threads=args.threads)
+                            tolerance=tol, limit=args.limit, device=args.device, threads=args.threads,
+                            verify=args.verify)
         print(report.table())
         print()
         for result in report.results:
