@@ -39,6 +39,19 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)  # what save_artifact always writes and the manifest lists
+
+
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or infinity."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    bad = non_finite_weights(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ArtifactError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown}). {fix}")
 
 
 def package_versions() -> dict[str, str]:
@@ -149,6 +162,8 @@ def save_artifact(
         "metrics": summary,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _refuse_non_finite(state, f"Not saving {out}", "Training diverged: lower --lr or --weight-decay, or "
+                       "check the data; nothing was written.")
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -176,6 +191,10 @@ def verify_manifest(path: Path) -> str:
             isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..") and isinstance(e, str)
             for n, e in files.items()):
         raise ArtifactError(f"Corrupt {manifest_path}: 'files' must map plain file names to sha256 strings.")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise ArtifactError(f"Corrupt {manifest_path}: it lists no checksum for {', '.join(unlisted)}, which every "
+                            "artifact has. Re-run fine-tuning, or pass --no-verify to load it anyway.")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -246,6 +265,7 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
         raise ArtifactError(f"Weights in {weights_path} do not fit {arch.name} or are unreadable: "
                             f"{str(exc)[:300]}") from exc
+    _refuse_non_finite(state, f"Refusing {weights_path}", "Re-run fine-tuning; such a model predicts nothing.")
     model.to(device).eval()
     metrics: dict[str, Any] = {}
     if (path / METRICS_FILE).is_file():
