@@ -88,7 +88,10 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        return cls(name=str(d["name"]), num_classes=int(d["num_classes"]), head=str(d.get("head", "linear")),
+        num_classes = d["num_classes"]
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+            raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
+        return cls(name=str(d["name"]), num_classes=num_classes, head=str(d.get("head", "linear")),
                    drop_rate=float(d.get("drop_rate", 0.0)), fusion_levels=int(d.get("fusion_levels", 0)),
                    fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)))
 
@@ -236,6 +239,8 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     """Load an artifact folder into a ready model (eval mode) with its preprocessing."""
     from safetensors.torch import load_file
 
+    from tl_deploy.export.metadata import class_names_problem
+
     path = Path(path)
     config = read_config(path)
     if verify:
@@ -244,9 +249,10 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
         checksum = sha256_file(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else ""
     try:
         arch = Architecture.from_dict(config["architecture"])
-        if not isinstance(config["class_names"], list):
-            raise TypeError("class_names is not a list")
-        class_names = [str(c) for c in config["class_names"]]
+        problem = class_names_problem(config["class_names"])
+        if problem:
+            raise TypeError(problem)
+        class_names = list(config["class_names"])
         spec = PreprocessSpec.from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"Invalid {path / CONFIG_FILE}: missing or bad field ({exc}).") from exc

@@ -21,7 +21,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from tl_deploy.errors import DataError
+from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata
 from tl_deploy.preprocess import ImageInput, denormalize, prepare, prepare_uint8
 
@@ -141,9 +141,15 @@ class Classifier:
     def _run(self, native: np.ndarray) -> np.ndarray:
         chunk = self.runner.max_batch or DEFAULT_CHUNK
         if len(native) <= chunk:
-            return self.runner.infer(np.ascontiguousarray(native))
-        return np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
-                               for i in range(0, len(native), chunk)])
+            logits = self.runner.infer(np.ascontiguousarray(native))
+        else:
+            logits = np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
+                                     for i in range(0, len(native), chunk)])
+        want = (len(native), len(self.metadata.class_names))
+        if logits.shape != want:  # a graph with symbolic output dimensions is only checked here
+            raise ArtifactError(f"{self.source} returned logits of shape {logits.shape} for {want[0]} image(s), "
+                                f"but its metadata lists {want[1]} classes: expected {want}. Re-export it.")
+        return logits
 
     def predict_proba(self, images: Images) -> np.ndarray:
         """Images -> (N, C) class probabilities."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError
-from tl_deploy.export.metadata import OnnxMetadata
+from tl_deploy.export.metadata import OnnxMetadata, graph_problems
 from tl_deploy.runtime.base import Classifier, Runner
 
 _logger = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ class OnnxRuntimeRunner(Runner):
             raise ArtifactError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from exc
         self.metadata = OnnxMetadata.from_props(self.session.get_modelmeta().custom_metadata_map,
                                                 origin=str(path))
+        problems = graph_problems(self.metadata,
+                                  [(a.name, a.type, list(a.shape)) for a in self.session.get_inputs()],
+                                  [(a.name, a.type, list(a.shape)) for a in self.session.get_outputs()])
+        if problems:
+            raise ArtifactError(f"{path} does not match its own metadata: {'; '.join(problems)}. Re-export it.")
         self.precision = self.metadata.precision
         self.input_layout = self.metadata.input_layout
         self.providers = self.session.get_providers()
