@@ -165,6 +165,32 @@ class Classifier:
         labels = [[self.metadata.class_names[j] for j in row] for row in order]
         return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
 
+    def predict_each(self, images: Images, top_k: int = 1) -> list[Prediction | DataError]:
+        """Like ``predict``, but an image that cannot be read costs only its own result: one entry
+        per image, a one-image ``Prediction`` or the ``DataError`` that says what is wrong with it."""
+        items = _as_list(images)
+        convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
+        out: list[Prediction | DataError] = []
+        good: list[tuple[int, np.ndarray]] = []
+        for i, item in enumerate(items):
+            try:
+                good.append((i, convert(item, self.metadata.spec)))
+            except DataError as exc:
+                out.append(exc)
+                continue
+            out.append(DataError("not classified"))  # replaced below
+        if good:
+            num_classes = len(self.metadata.class_names)
+            if not 1 <= top_k <= num_classes:
+                raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
+            probs = softmax(self._run(np.stack([x for _, x in good])))  # (G, C)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (G, k)
+            top = np.take_along_axis(probs, order, axis=1)
+            for row, (i, _) in enumerate(good):
+                out[i] = Prediction(labels=[[self.metadata.class_names[j] for j in order[row]]],
+                                    probabilities=top[row:row + 1])
+        return out
+
     def close(self) -> None:
         self.runner.close()
 
