@@ -87,3 +87,43 @@ def test_modified_artifact_fails_parity_and_bench(tiny_artifact: Path, export_di
                        "--rounds", "1", "--seconds", "0.005", "--warmup", "0", "--e2e-images", "0",
                        "--threads", "1", "--out", str(tmp_path / "reports" / "bench")]) == 1
     assert "metrics.json was modified" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- checks that say what they did
+
+
+def test_failed_line_prints_only_the_thresholds_met() -> None:
+    from tl_deploy.parity import DEFAULT_TOLERANCES, BackendResult
+
+    metrics = {"max_abs_logit_diff": 0.5, "agreement": 0.93, "accuracy": 0.90, "accuracy_delta_pt": -0.5}
+    line = BackendResult("onnx-int8", "int8", INT8, "failed", DEFAULT_TOLERANCES["int8"],
+                         reason="agreement 93.00% < 98%", metrics=metrics).line()
+    assert line == ("FAILED | onnx-int8 | model.int8.cpu.onnx | max|dlogit| 5.0e-01, agreement 93.00% < 98%, "
+                    "accuracy 90.00% (-0.50 pt, drop <= 1)")
+    fp32 = {"max_abs_logit_diff": 2e-3, "agreement": 1.0, "accuracy": 0.8, "accuracy_delta_pt": -2.0}
+    line = BackendResult("onnx-fp32", "fp32", "model.onnx", "failed", DEFAULT_TOLERANCES["fp32"],
+                         reason="...", problems=["exported from another artifact"], metrics=fp32).line()
+    assert line == ("FAILED | onnx-fp32 | model.onnx | max|dlogit| 2.0e-03 > 1e-03, agreement 100.00% >= 100%, "
+                    "accuracy 80.00% (-2.00 pt, drop > 0) | exported from another artifact")
+
+
+@pytest.mark.parametrize("calib_samples,check,warning", [
+    (512, "on 24 calibration images (too few images to hold any out)",
+     "calibrating on all 24 images in {root} (fewer than the 512 asked); none is left to hold out"),
+    (20, "on 4 held-out", "24 images in {root}: 20 calibrate, 4 of the 64 asked are held out for the INT8 check"),
+])
+def test_int8_check_is_never_skipped_silently(calib_samples: int, check: str, warning: str, tiny_artifact: Path,
+                                              tiny_data: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    from tl_deploy.export import ExportOptions, export_artifact
+
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_data / "val", calib)  # 24 images: fewer than calibration + held-out asks
+    with caplog.at_level("WARNING"):
+        rows = export_artifact(tiny_artifact, tmp_path / "export", ExportOptions(
+            int8=True, calib_data=calib, calib_samples=calib_samples))
+    int8 = [r for r in rows if r.precision == "int8"]
+    assert len(int8) == 2 and all(r.check.startswith("top-1 agrees ") and check in r.check for r in int8)
+    assert warning.format(root=calib) in caplog.text
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert all(check in f["check"] for f in manifest["files"] if f["precision"] == "int8")

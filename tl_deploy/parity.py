@@ -109,6 +109,7 @@ class BackendResult:
     status: str  # "passed", "failed" or "skipped"
     tolerance: Tolerance | None = None
     reason: str = ""  # why it failed or was skipped
+    problems: list[str] = field(default_factory=list)  # failures that are not a threshold (metadata, shapes)
     metrics: dict[str, Any] = field(default_factory=dict)
     disagreements: list[dict[str, Any]] = field(default_factory=list)  # path, label, torch, backend
     device: str = ""
@@ -127,11 +128,16 @@ class BackendResult:
             return f"{head} | {self.reason}"
         m, tol = self.metrics, self.tolerance
         assert tol is not None
-        atol = f" <= {tol.atol:.0e}" if tol.atol is not None else ""
-        text = (f"{head} | max|dlogit| {m['max_abs_logit_diff']:.1e}{atol}, agreement {100 * m['agreement']:.2f}% "
-                f">= {tol.min_agreement:g}%, accuracy {100 * m['accuracy']:.2f}% "
-                f"({m['accuracy_delta_pt']:+.2f} pt, drop <= {tol.max_acc_drop:g})")
-        return f"{text} | {self.reason}" if self.reason else text
+        # Each threshold is printed as met or missed, so a FAILED line never claims a check it failed.
+        text = f"{head} | max|dlogit| {m['max_abs_logit_diff']:.1e}"
+        if tol.atol is not None:
+            text += f" {'<=' if m['max_abs_logit_diff'] <= tol.atol else '>'} {tol.atol:.0e}"
+        met_agreement = 100.0 * m["agreement"] >= tol.min_agreement - _EPS
+        met_drop = -m["accuracy_delta_pt"] <= tol.max_acc_drop + _EPS
+        text += (f", agreement {100 * m['agreement']:.2f}% {'>=' if met_agreement else '<'} {tol.min_agreement:g}%, "
+                 f"accuracy {100 * m['accuracy']:.2f}% ({m['accuracy_delta_pt']:+.2f} pt, drop "
+                 f"{'<=' if met_drop else '>'} {tol.max_acc_drop:g})")
+        return f"{text} | {'; '.join(self.problems)}" if self.problems else text
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "file": self.file, "status": self.status,
@@ -392,9 +398,10 @@ def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, ref
                                  reason=f"inference failed: {exc}", device=clf.device)
         metrics, failures, disagreements = compare_logits(reference, logits, labels, names,
                                                           list(reference_meta.class_names), tolerance)
-        failures = problems + failures
+        failures = problems + failures  # the line shows the thresholds itself, then the other problems
         return BackendResult(choice.name, choice.precision, choice.file, "failed" if failures else "passed",
-                             tolerance, reason="; ".join(failures), metrics=metrics, disagreements=disagreements,
+                             tolerance, reason="; ".join(failures), problems=problems, metrics=metrics,
+                             disagreements=disagreements,
                              device=clf.device, seconds=time.perf_counter() - start)
 
 
