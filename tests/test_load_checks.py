@@ -185,3 +185,15 @@ def test_artifact_config_class_list_and_num_classes_are_checked(edit, message: s
     _edit_config(model, edit)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(model)
+
+
+def test_graph_problems_accepts_engine_style_dynamic_dims() -> None:
+    from tl_deploy.export.metadata import OnnxMetadata, graph_problems
+    from tl_deploy.preprocess import PreprocessSpec
+
+    meta = OnnxMetadata(class_names=("a", "b", "c"), spec=PreprocessSpec(input_size=32, resize=32),
+                        source_checksum="0" * 64, architecture="x")
+    ok_in, ok_out = [("input", "tensor(float)", [-1, 3, 32, 32])], [("logits", "tensor(float)", [-1, 3])]
+    assert graph_problems(meta, ok_in, ok_out) == []
+    assert graph_problems(meta, ok_in, [("logits", "tensor(float)", [-1, 4])])  # buffer sized for 3: refused
+    assert graph_problems(meta, [("input", "tensor(float)", [-1, 3, 40, 40])], ok_out)
