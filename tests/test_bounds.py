@@ -53,6 +53,8 @@ def test_aspect_ratio_limit_is_inclusive() -> None:
     assert prepare(ok, SPEC).shape == (3, TINY_SIZE, TINY_SIZE)
     with pytest.raises(DataError, match="too elongated"):
         prepare(np.zeros((2, 2 * MAX_ASPECT_RATIO + 1, 3), dtype=np.uint8), SPEC)
+    with pytest.raises(DataError, match=r"is 1x200000, an aspect ratio of 200000:1"):  # upright: 1 wide
+        prepare(np.zeros((200_000, 1, 3), dtype=np.uint8), SPEC)
 
 
 def test_pixel_count_after_the_resize_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
