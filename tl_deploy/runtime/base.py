@@ -157,39 +157,42 @@ class Classifier:
 
     def predict(self, images: Images, top_k: int = 1) -> Prediction:
         """Top-k labels and probabilities for one image or a list of images (always batch-shaped)."""
-        num_classes = len(self.metadata.class_names)
-        if not 1 <= top_k <= num_classes:
-            raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
-        probs = self.predict_proba(images)  # (N, C)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
-        labels = [[self.metadata.class_names[j] for j in row] for row in order]
-        return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
+        self._check_top_k(top_k)
+        return self._top_k(self.predict_proba(images), top_k)
 
     def predict_each(self, images: Images, top_k: int = 1) -> list[Prediction | DataError]:
         """Like ``predict``, but an image that cannot be read costs only its own result: one entry
         per image, a one-image ``Prediction`` or the ``DataError`` that says what is wrong with it."""
+        self._check_top_k(top_k)
         items = _as_list(images)
         convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
-        out: list[Prediction | DataError] = []
-        good: list[tuple[int, np.ndarray]] = []
+        errors: dict[int, DataError] = {}
+        arrays: list[np.ndarray] = []
         for i, item in enumerate(items):
             try:
-                good.append((i, convert(item, self.metadata.spec)))
+                arrays.append(convert(item, self.metadata.spec))
             except DataError as exc:
-                out.append(exc)
+                errors[i] = exc
+        batch = self._top_k(softmax(self._run(np.stack(arrays))), top_k) if arrays else None
+        out: list[Prediction | DataError] = []
+        row = 0
+        for i in range(len(items)):
+            if i in errors or batch is None:
+                out.append(errors[i])
                 continue
-            out.append(DataError("not classified"))  # replaced below
-        if good:
-            num_classes = len(self.metadata.class_names)
-            if not 1 <= top_k <= num_classes:
-                raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
-            probs = softmax(self._run(np.stack([x for _, x in good])))  # (G, C)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (G, k)
-            top = np.take_along_axis(probs, order, axis=1)
-            for row, (i, _) in enumerate(good):
-                out[i] = Prediction(labels=[[self.metadata.class_names[j] for j in order[row]]],
-                                    probabilities=top[row:row + 1])
+            out.append(Prediction(labels=[batch.labels[row]], probabilities=batch.probabilities[row:row + 1]))
+            row += 1
         return out
+
+    def _check_top_k(self, top_k: int) -> None:
+        num_classes = len(self.metadata.class_names)
+        if not 1 <= top_k <= num_classes:
+            raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
+
+    def _top_k(self, probs: np.ndarray, top_k: int) -> Prediction:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
+        labels = [[self.metadata.class_names[j] for j in row] for row in order]
+        return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
 
     def close(self) -> None:
         self.runner.close()
