@@ -74,7 +74,7 @@ class TensorRTRunner(Runner):
         num_classes = len(metadata.class_names)
         onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
         problems = graph_problems(metadata, *([(n, onnx_type.get(dtype.name, dtype.name),
-                                                [int(d) for d in engine.get_tensor_shape(n)])]
+                                                [int(d) for d in engine.get_tensor_shape(n)[:]])]
                                               for n, dtype in ((self._input, self._in_dtype),
                                                                (self._output, self._out_dtype))))
         if problems:  # the output buffer below is sized from the metadata: a mismatch must stop here
