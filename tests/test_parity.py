@@ -97,7 +97,7 @@ def test_wrong_normalisation_in_metadata_fails(tiny_artifact: Path, export_dir: 
 
     _edit_onnx(broken / "model.onnx", wrong_mean_std)
     code = main([str(tiny_artifact), "--export", str(broken), "--data", str(tiny_data), "--backends", "onnx-fp32",
-                 "onnx-int8"])
+                 "onnx-int8", "--no-verify"])  # edited on purpose: compare it anyway
     out = capsys.readouterr().out
     assert code == 1
     assert "FAILED | onnx-fp32 | model.onnx |" in out and "preprocessing differs" in out
@@ -123,7 +123,8 @@ def test_perturbed_weights_fail(tiny_artifact: Path, export_dir: Path, tiny_data
 
     _edit_onnx(broken / "model.onnx", nudge_classifier)
     _edit_onnx(broken / "model.int8.onnx", sink_class_0)
-    report = run_parity(tiny_artifact, broken, data=tiny_data, backends=["onnx-fp32", "onnx-int8-qdq"])
+    report = run_parity(tiny_artifact, broken, data=tiny_data, backends=["onnx-fp32", "onnx-int8-qdq"],
+                        verify=False)  # edited on purpose: the numbers must show it
     fp32, int8 = report.results
     assert not report and not fp32 and not int8
     assert "max|dlogit|" in fp32.reason and fp32.metrics["max_abs_logit_diff"] > 1e-3
@@ -131,7 +132,7 @@ def test_perturbed_weights_fail(tiny_artifact: Path, export_dir: Path, tiny_data
     assert int8.disagreements and {"path", "label", "torch", "backend"} <= set(int8.disagreements[0])
     # A looser tolerance, asked for explicitly, lets the small FP32 nudge through.
     loose = run_parity(tiny_artifact, broken, data=tiny_data, backends=["onnx-fp32"],
-                       tolerance=tolerances(atol={"fp32": 1.0}))
+                       tolerance=tolerances(atol={"fp32": 1.0}), verify=False)
     assert loose and loose.results[0].status == "passed"
 
 

@@ -468,12 +468,16 @@ def classify_items(classifier: Any, items: Sequence[ImageItem], *,
                 decoded.append((row, read_image(item.source, item.name, max_pixels)))
             except DataError as exc:
                 row["error"] = str(exc)
-        if decoded:
-            labels, probs = classifier.predict([image for _, image in decoded], top_k=1)
-            for (row, _), label, prob in zip(decoded, labels, probs):
-                row["prediction"], row["confidence"] = label[0], round(float(prob[0]), 4)
+        if decoded:  # an image that fails in preprocessing (e.g. too large once resized) loses only its row
+            results = classifier.predict_each([image for _, image in decoded], top_k=1)
+            for (row, _), result in zip(decoded, results):
+                if isinstance(result, DataError):
+                    row["error"] = f"{row['image']}: {result}"
+                    continue
+                label, prob = result.labels[0][0], float(result.probabilities[0, 0])
+                row["prediction"], row["confidence"] = label, round(prob, 4)
                 if row["true_label"]:
-                    row["correct"] = row["true_label"] == label[0]
+                    row["correct"] = row["true_label"] == label
         if progress is not None:
             progress(min(lo + BATCH_CHUNK, len(items)), len(items))
     result = BatchResult(rows=rows, class_names=names, seconds=time.perf_counter() - start)

@@ -39,6 +39,19 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)  # what save_artifact always writes and the manifest lists
+
+
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or infinity."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    bad = non_finite_weights(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ArtifactError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({shown}). {fix}")
 
 
 def package_versions() -> dict[str, str]:
@@ -75,7 +88,10 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        return cls(name=str(d["name"]), num_classes=int(d["num_classes"]), head=str(d.get("head", "linear")),
+        num_classes = d["num_classes"]
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+            raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
+        return cls(name=str(d["name"]), num_classes=num_classes, head=str(d.get("head", "linear")),
                    drop_rate=float(d.get("drop_rate", 0.0)), fusion_levels=int(d.get("fusion_levels", 0)),
                    fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)))
 
@@ -149,6 +165,8 @@ def save_artifact(
         "metrics": summary,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _refuse_non_finite(state, f"Not saving {out}", "Training diverged: lower --lr or --weight-decay, or "
+                       "check the data; nothing was written.")
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -176,6 +194,10 @@ def verify_manifest(path: Path) -> str:
             isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..") and isinstance(e, str)
             for n, e in files.items()):
         raise ArtifactError(f"Corrupt {manifest_path}: 'files' must map plain file names to sha256 strings.")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise ArtifactError(f"Corrupt {manifest_path}: it lists no checksum for {', '.join(unlisted)}, which every "
+                            "artifact has. Re-run fine-tuning, or pass --no-verify to load it anyway.")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -217,6 +239,8 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     """Load an artifact folder into a ready model (eval mode) with its preprocessing."""
     from safetensors.torch import load_file
 
+    from tl_deploy.export.metadata import class_names_problem
+
     path = Path(path)
     config = read_config(path)
     if verify:
@@ -225,9 +249,10 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
         checksum = sha256_file(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else ""
     try:
         arch = Architecture.from_dict(config["architecture"])
-        if not isinstance(config["class_names"], list):
-            raise TypeError("class_names is not a list")
-        class_names = [str(c) for c in config["class_names"]]
+        problem = class_names_problem(config["class_names"])
+        if problem:
+            raise TypeError(problem)
+        class_names = list(config["class_names"])
         spec = PreprocessSpec.from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"Invalid {path / CONFIG_FILE}: missing or bad field ({exc}).") from exc
@@ -246,6 +271,7 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
         raise ArtifactError(f"Weights in {weights_path} do not fit {arch.name} or are unreadable: "
                             f"{str(exc)[:300]}") from exc
+    _refuse_non_finite(state, f"Refusing {weights_path}", "Re-run fine-tuning; such a model predicts nothing.")
     model.to(device).eval()
     metrics: dict[str, Any] = {}
     if (path / METRICS_FILE).is_file():

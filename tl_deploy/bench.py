@@ -193,8 +193,10 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
               config: BenchConfig = BenchConfig(), threads: int | None = None, device: str = "auto",
-              data: str | Path | None = None, split: str = "test") -> BenchReport:
-    """Time ``backends`` of ``model_dir`` / ``export_dir`` in one interleaved run."""
+              data: str | Path | None = None, split: str = "test", verify: bool = True) -> BenchReport:
+    """Time ``backends`` of ``model_dir`` / ``export_dir`` in one interleaved run.
+
+    ``verify``: check the artifact's manifest and each export file's sha256 before timing it."""
     from tl_deploy.parity import read_export_manifest
     from tl_deploy.preprocess import prepare
     from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
@@ -225,7 +227,7 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
         if choice.runnable:
             try:
                 classifiers[choice.name] = open_backend(choice, model_dir, export_dir, device=device,
-                                                        threads=threads, spin=False)
+                                                        threads=threads, spin=False, verify=verify)
                 row.update(status="ok", device=classifiers[choice.name].device)
             except BackendUnavailableError as exc:
                 row["reason"] = str(exc)
@@ -320,6 +322,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="image files for the end-to-end figure (default 32; 0 skips it)")
     p.add_argument("--data", type=Path, help="ImageFolder for the end-to-end images (default: the training data)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="time files that no longer match their sha256 (artifact manifest, export.json)")
     p.add_argument("--out", type=Path, help="report path stem (default: <export>.bench, .json and .png)")
     add_verbose(p)
     return p
@@ -338,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data is not None and not args.data.is_dir():
             raise DataError(f"Data folder not found: {args.data}. Pass --data pointing at an ImageFolder tree.")
         report = run_bench(args.model_dir, export_dir, backends=backends, config=config, threads=args.threads,
-                           device=args.device, data=args.data, split=args.split)
+                           device=args.device, data=args.data, split=args.split, verify=args.verify)
         print(f"{Path(report.model_dir).name} on {report.device}, {report.threads} thread(s); "
               f"end to end: {report.e2e_note}")
         print(report.table())

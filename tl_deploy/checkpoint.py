@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tl_deploy.artifact import non_finite_weights
 from tl_deploy.errors import ArtifactError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
 
@@ -47,8 +48,15 @@ class Checkpointer:
              best: dict[str, torch.Tensor] | None = None) -> None:
         if not self.writer:
             return
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        bad = non_finite_weights(weights)
+        if bad:  # nothing to resume from: drop older states too, so the failed run leaves nothing
+            self.clear()
+            raise ArtifactError(f"Training diverged: {len(bad)} weight tensor(s) hold NaN or infinity after "
+                                f"{run_state.phase} epoch {run_state.epoch} ({', '.join(bad[:5])}). Lower --lr or "
+                                "--weight-decay, or check the data; nothing was written.")
         payload = {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": weights,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "run_state": asdict(run_state),

@@ -20,10 +20,9 @@ from tl_deploy.preprocess import (
     ImageInput,
     PreprocessSpec,
     check_image_size,
+    load_and_resize,
     normalize,
-    open_image,
     prepare,
-    resize_and_crop,
     to_rgb,
 )
 
@@ -292,8 +291,7 @@ def train_transform(spec: PreprocessSpec, augment: bool = True) -> Transform:
     ])
 
     def transform(image: ImageInput) -> torch.Tensor:
-        img = resize_and_crop(open_image(image, spec.background), spec)
-        img = aug(img)
+        img = aug(load_and_resize(image, spec))
         return torch.from_numpy(normalize(np.asarray(img, dtype=np.uint8), spec))  # (3, H, W)
 
     return transform

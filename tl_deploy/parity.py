@@ -109,6 +109,7 @@ class BackendResult:
     status: str  # "passed", "failed" or "skipped"
     tolerance: Tolerance | None = None
     reason: str = ""  # why it failed or was skipped
+    problems: list[str] = field(default_factory=list)  # failures that are not a threshold (metadata, shapes)
     metrics: dict[str, Any] = field(default_factory=dict)
     disagreements: list[dict[str, Any]] = field(default_factory=list)  # path, label, torch, backend
     device: str = ""
@@ -127,11 +128,16 @@ class BackendResult:
             return f"{head} | {self.reason}"
         m, tol = self.metrics, self.tolerance
         assert tol is not None
-        atol = f" <= {tol.atol:.0e}" if tol.atol is not None else ""
-        text = (f"{head} | max|dlogit| {m['max_abs_logit_diff']:.1e}{atol}, agreement {100 * m['agreement']:.2f}% "
-                f">= {tol.min_agreement:g}%, accuracy {100 * m['accuracy']:.2f}% "
-                f"({m['accuracy_delta_pt']:+.2f} pt, drop <= {tol.max_acc_drop:g})")
-        return f"{text} | {self.reason}" if self.reason else text
+        # Each threshold is printed as met or missed, so a FAILED line never claims a check it failed.
+        text = f"{head} | max|dlogit| {m['max_abs_logit_diff']:.1e}"
+        if tol.atol is not None:
+            text += f" {'<=' if m['max_abs_logit_diff'] <= tol.atol else '>'} {tol.atol:.0e}"
+        met_agreement = 100.0 * m["agreement"] >= tol.min_agreement - _EPS
+        met_drop = -m["accuracy_delta_pt"] <= tol.max_acc_drop + _EPS
+        text += (f", agreement {100 * m['agreement']:.2f}% {'>=' if met_agreement else '<'} {tol.min_agreement:g}%, "
+                 f"accuracy {100 * m['accuracy']:.2f}% ({m['accuracy_delta_pt']:+.2f} pt, drop "
+                 f"{'<=' if met_drop else '>'} {tol.max_acc_drop:g})")
+        return f"{text} | {'; '.join(self.problems)}" if self.problems else text
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "file": self.file, "status": self.status,
@@ -269,14 +275,15 @@ class ParityReport:
 
 def read_export_manifest(export_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The export folder's ``export.json``, or a clear error saying how to make one."""
-    from tl_deploy.runtime import EXPORT_MANIFEST, _read_manifest
+    from tl_deploy.runtime import EXPORT_MANIFEST
+    from tl_deploy.runtime import read_export_manifest as read_checked
 
     if not (export_dir / EXPORT_MANIFEST).is_file():
         raise ArtifactError(
             f"Export folder not found: {export_dir} (no {EXPORT_MANIFEST}). Run python -m tl_deploy.export "
             f"{model_dir} --int8, or pass --export DIR."
         )
-    return _read_manifest(export_dir)
+    return read_checked(export_dir)
 
 
 def load_samples(data: Path, split: str, class_names: Sequence[str], limit: int | None) -> list[tuple[Path, int]]:
@@ -312,8 +319,11 @@ def preprocess_all(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
 def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Path | None = None,
                split: str = "test", backends: Sequence[str] = tuple(EXPORT_BACKENDS),
                tolerance: Mapping[str, Tolerance] = DEFAULT_TOLERANCES, limit: int | None = None,
-               device: str = "cpu", threads: int | None = None) -> ParityReport:
-    """Compare each of ``backends`` with the artifact's PyTorch model on ``split`` of ``data``."""
+               device: str = "cpu", threads: int | None = None, verify: bool = True) -> ParityReport:
+    """Compare each of ``backends`` with the artifact's PyTorch model on ``split`` of ``data``.
+
+    ``verify``: check the artifact's manifest and each export file's sha256 (``False``: compare
+    modified files deliberately)."""
     from tl_deploy.artifact import read_config
     from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
 
@@ -335,7 +345,8 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
                                cuda_problem=cuda_problem() if device.startswith("cuda") else None)
 
     start = time.perf_counter()
-    reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device)
+    reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device,
+                                 verify=verify)
     samples = load_samples(data, split, reference_clf.class_names, limit)
     paths = [path for path, _ in samples]
     labels = np.array([label for _, label in samples])  # (N,)
@@ -357,7 +368,7 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
                                          reason=choice.skip_reason))
             continue
         results.append(_check_backend(choice, model_dir, export_dir, reference_clf.metadata, reference, labels,
-                                      names, inputs, paths, tolerance[choice.precision], threads))
+                                      names, inputs, paths, tolerance[choice.precision], threads, verify))
         _logger.debug("%s", results[-1].line())
     return ParityReport(model_dir=str(model_dir), export_dir=str(export_dir), data=str(data), split=split,
                         images=len(labels), reference=reference_info, results=results,
@@ -367,10 +378,10 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
 def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, reference_meta: OnnxMetadata,
                    reference: np.ndarray, labels: np.ndarray, names: list[str],
                    inputs: dict[PreprocessSpec, np.ndarray], paths: list[Path], tolerance: Tolerance,
-                   threads: int | None) -> BackendResult:
+                   threads: int | None, verify: bool) -> BackendResult:
     start = time.perf_counter()
     try:
-        clf = open_backend(choice, model_dir, export_dir, threads=threads)
+        clf = open_backend(choice, model_dir, export_dir, threads=threads, verify=verify)
     except BackendUnavailableError as exc:
         return BackendResult(choice.name, choice.precision, choice.file, "skipped", reason=str(exc))
     except TlDeployError as exc:  # a file that does not load is a broken export
@@ -387,9 +398,10 @@ def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, ref
                                  reason=f"inference failed: {exc}", device=clf.device)
         metrics, failures, disagreements = compare_logits(reference, logits, labels, names,
                                                           list(reference_meta.class_names), tolerance)
-        failures = problems + failures
+        failures = problems + failures  # the line shows the thresholds itself, then the other problems
         return BackendResult(choice.name, choice.precision, choice.file, "failed" if failures else "passed",
-                             tolerance, reason="; ".join(failures), metrics=metrics, disagreements=disagreements,
+                             tolerance, reason="; ".join(failures), problems=problems, metrics=metrics,
+                             disagreements=disagreements,
                              device=clf.device, seconds=time.perf_counter() - start)
 
 
@@ -425,6 +437,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device of the PyTorch reference (default cpu: exact FP32)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--report", type=Path, help="report path stem (default: <export>.parity-<split>, .json and .md)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="compare files that no longer match their sha256 (artifact manifest, export.json)")
     add_verbose(p)
     return p
 
@@ -437,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = parse_backends(args.backends)
         export_dir = args.export or Path("export") / args.model_dir.resolve().name
         report = run_parity(args.model_dir, export_dir, data=args.data, split=args.split, backends=backends,
-                            tolerance=tol, limit=args.limit, device=args.device, threads=args.threads)
+                            tolerance=tol, limit=args.limit, device=args.device, threads=args.threads,
+                            verify=args.verify)
         print(report.table())
         print()
         for result in report.results:

@@ -150,11 +150,23 @@ def max_image_pixels() -> int | None:
     return int(limit) if limit else None
 
 
-def check_image_size(image: Image.Image, name: str) -> None:
-    """Refuse images with no pixels, and images above the decompression-bomb limit before decoding.
+MAX_ASPECT_RATIO = 50  # longer side / shorter side; beyond it no photo or scan is meaningful at one scale
 
-    PIL itself only refuses images above twice its limit; between one and two times it warns and
-    decodes them anyway, which can take gigabytes for a file of a few kilobytes.
+
+def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) after ``resize_and_crop``'s resize of the shorter side to ``spec.resize``."""
+    scale = spec.resize / min(width, height)
+    return max(spec.input_size, round(width * scale)), max(spec.input_size, round(height * scale))
+
+
+def check_image_size(image: Image.Image, name: str, spec: PreprocessSpec | None = None) -> None:
+    """The one decoding guard every image path uses (runtime, app, training, evaluate, parity).
+
+    Refuses images with no pixels, above the decompression-bomb limit before decoding, with an
+    aspect ratio above ``MAX_ASPECT_RATIO``, and (with ``spec``) whose resized size would be above the
+    same pixel limit: a 1x200000 PNG is 469 bytes, but resized for a 112-pixel model it is 112 x
+    22,400,000 pixels. PIL itself only refuses images above twice its limit; between one and two times
+    it warns and decodes them anyway, which can take gigabytes for a file of a few kilobytes.
     """
     w, h = image.size
     if w <= 0 or h <= 0:
@@ -165,6 +177,18 @@ def check_image_size(image: Image.Image, name: str) -> None:
             f"Image too large to decode safely: {name} is {w}x{h} = {w * h} pixels, above the "
             f"{limit}-pixel limit. Downscale it first."
         )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise DataError(
+            f"Image too elongated: {name} is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):.0f}:1, above "
+            f"the {MAX_ASPECT_RATIO}:1 limit. Crop it to the object first."
+        )
+    if spec is not None and limit is not None:
+        new_w, new_h = resized_size(w, h, spec)
+        if new_w * new_h > limit:
+            raise DataError(
+                f"Image too large once resized: {name} ({w}x{h}) would become {new_w}x{new_h} = "
+                f"{new_w * new_h} pixels at resize={spec.resize}, above the {limit}-pixel limit. Crop it first."
+            )
 
 
 def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
@@ -223,11 +247,11 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode="RGB" if arr.shape[2] == 3 else "RGBA")
 
 
-def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+def resize_and_crop(image: Image.Image, spec: PreprocessSpec, name: str = "<image>") -> Image.Image:
     """Resize the shorter side to ``spec.resize`` and center-crop ``spec.input_size`` squared."""
+    check_image_size(image, name, spec)
     w, h = image.size
-    scale = spec.resize / min(w, h)
-    new_w, new_h = max(spec.input_size, round(w * scale)), max(spec.input_size, round(h * scale))
+    new_w, new_h = resized_size(w, h, spec)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), spec.pil_interpolation)
     left = (new_w - spec.input_size) // 2
@@ -257,16 +281,27 @@ def normalize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
+def image_name(source: ImageInput) -> str:
+    """How errors name an image input: its path, or its kind."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+
+
+def load_and_resize(source: ImageInput, spec: PreprocessSpec) -> Image.Image:
+    """Open, convert and resize+crop one image; out of memory becomes a ``DataError`` naming it."""
+    try:
+        return resize_and_crop(open_image(source, spec.background), spec, image_name(source))
+    except MemoryError as exc:  # the guard bounds the sizes; this is the last line for a starved machine
+        raise DataError(f"Out of memory decoding {image_name(source)}: downscale it, or free memory.") from exc
+
+
 def prepare(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """Any supported image input -> the (3, H, W) float32 array the network takes."""
-    image = resize_and_crop(open_image(source, spec.background), spec)
-    return normalize(np.asarray(image, dtype=np.uint8), spec)
+    return normalize(np.asarray(load_and_resize(source, spec), dtype=np.uint8), spec)
 
 
 def prepare_uint8(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """Like ``prepare`` but stops before scaling: (H, W, 3) uint8, for baked-preprocess graphs."""
-    image = resize_and_crop(open_image(source, spec.background), spec)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(load_and_resize(source, spec), dtype=np.uint8)
 
 
 def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -54,6 +54,7 @@ INT8_FILE = "model.int8.onnx"  # QDQ, symmetric: TensorRT explicit quantization 
 INT8_CPU_FILE = "model.int8.cpu.onnx"  # tuned for onnxruntime on x86 CPUs
 HOLDOUT_IMAGES = 64  # images kept out of calibration to check INT8 agreement
 PARITY_TOL = 1e-3  # max |ONNX - torch| logit difference accepted at export time
+INT8_MIN_AGREEMENT = 0.98  # below this top-1 agreement with FP32 the export warns (parity's int8 default)
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,12 @@ def _finish(row: ExportRow, path: Path) -> ExportRow:
     return row
 
 
-def _export_int8(fp32: Path, folder: Path, calib_paths: list[Path], holdout: np.ndarray | None,
+def _export_int8(fp32: Path, folder: Path, calib_paths: list[Path], holdout: np.ndarray | None, held_out: int,
                  calib_source: str, spec: Any, options: ExportOptions) -> list[ExportRow]:
-    """INT8 QDQ file for TensorRT (+ the CPU-tuned file), sharing one calibration pass."""
+    """INT8 QDQ file for TensorRT (+ the CPU-tuned file), sharing one calibration pass.
+
+    ``holdout``: the images the INT8 top-1 check runs on; ``held_out``: 0 when they are calibration
+    images (too few images to keep any out), which the check line then says."""
     batches = list(calibration_batches(calib_paths, spec))
     targets = [("tensorrt", INT8_FILE, "ONNX INT8 QDQ")]
     if options.int8_cpu:
@@ -178,11 +182,15 @@ def _export_int8(fp32: Path, folder: Path, calib_paths: list[Path], holdout: np.
                                                                  float_first_conv=target == "tensorrt"),
                                        calibration_source=calib_source,
                                        calibration_cache=Path(cache_dir) / "ranges.json")
-            check = ""
+            check = "not checked: no calibration images"
             if holdout is not None:
                 agree = _top1_agreement(result.path, fp32, holdout, exact_integer=target == "tensorrt")
                 how = "exact int8 math" if target == "tensorrt" else "onnxruntime CPU"
-                check = f"top-1 agrees {agree:.0%} on {len(holdout)} held-out ({how})"
+                which = "held-out" if held_out else "calibration images (too few images to hold any out)"
+                check = f"top-1 agrees {agree:.0%} on {len(holdout)} {which} ({how})"
+                if agree < INT8_MIN_AGREEMENT:
+                    _logger.warning("%s: %s, below the %.0f%% parity asks for: run python -m tl_deploy.parity "
+                                    "before using it", name, check, 100 * INT8_MIN_AGREEMENT)
             rows.append(_finish(ExportRow(label, name, "onnx", "int8", FLOAT_NCHW, target, result.seconds,
                                           check=check), result.path))
     return rows
@@ -217,13 +225,17 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     with atomic_dir(out) as tmp:
         # Sample inputs for the checks: real images when we have them, else seeded noise.
         holdout: np.ndarray | None = None
+        held_out = 0  # how many of the check images were kept out of calibration
         calib_paths: list[Path] = []
         if calib_dir is not None:
-            picked = select_calibration_images(calib_dir, options.calib_samples + HOLDOUT_IMAGES, options.seed)
-            # Calibration gets its full share first; the held-out check uses what is left, if any.
+            picked = select_calibration_images(calib_dir, options.calib_samples, options.seed,
+                                               holdout=HOLDOUT_IMAGES)
+            # Calibration gets its full share first; the INT8 check uses what is left, or (none left)
+            # calibration images themselves, and says so: never skipped without a word.
             calib_paths, hold_paths = picked[:options.calib_samples], picked[options.calib_samples:]
-            if hold_paths:
-                holdout = np.concatenate(list(calibration_batches(hold_paths, artifact.spec)))
+            check_paths = hold_paths or calib_paths[:HOLDOUT_IMAGES]
+            holdout = np.concatenate(list(calibration_batches(check_paths, artifact.spec)))
+            held_out = len(hold_paths)
         size = artifact.spec.input_size
         probe = holdout[:8] if holdout is not None else \
             np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
@@ -247,7 +259,8 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
                                           time.perf_counter() - start, check="normalisation in graph"), baked))
 
         if options.int8:
-            rows.extend(_export_int8(fp32, tmp, calib_paths, holdout, str(calib_dir), artifact.spec, options))
+            rows.extend(_export_int8(fp32, tmp, calib_paths, holdout, held_out, str(calib_dir), artifact.spec,
+                                     options))
 
         if options.trt:
             cache = options.timing_cache or out.parent / "trt_timing.cache"

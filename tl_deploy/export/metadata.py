@@ -9,7 +9,7 @@ JSON sidecar. This module needs only the standard library, numpy and Pillow (via
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -87,9 +87,13 @@ class OnnxMetadata:
                 f"{origin} uses export format {version!r}, not one this tl_deploy understands "
                 f"(up to {FORMAT_VERSION}). Upgrade tl_deploy, or re-export."
             )
+        names = data.get("class_names")
+        problem = class_names_problem(names)
+        if problem:
+            raise ArtifactError(f"Invalid tl_deploy metadata in {origin}: {problem}. Re-export it.")
         try:
             return cls(
-                class_names=tuple(str(c) for c in data["class_names"]),
+                class_names=tuple(names),  # type: ignore[arg-type]  # checked just above
                 spec=PreprocessSpec.from_dict(data["preprocess"]),
                 source_checksum=str(data["source_checksum"]),
                 architecture=str(data["architecture"]),
@@ -123,6 +127,57 @@ class OnnxMetadata:
             except ValueError as exc:
                 raise ArtifactError(f"Corrupt metadata {key!r} in {origin}: {exc}.") from exc
         return cls.from_dict(data, origin)
+
+
+def class_names_problem(names: Any) -> str | None:
+    """Why ``names`` is not a usable class list (a JSON list of 2+ unique, non-empty strings), or None."""
+    if not isinstance(names, list):
+        return f"class_names must be a list of strings, got {type(names).__name__} {str(names)[:80]!r}"
+    if not all(isinstance(n, str) and n for n in names):
+        bad = next(n for n in names if not (isinstance(n, str) and n))
+        return f"class_names must be non-empty strings, got {bad!r}"
+    if len(names) < 2:
+        return f"class_names lists {len(names)} class(es); a classifier needs at least 2"
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        return f"class_names repeats {dupes}: each class needs its own name"
+    return None
+
+
+def graph_problems(metadata: OnnxMetadata, inputs: Sequence[tuple[str, str, Sequence[Any]]],
+                   outputs: Sequence[tuple[str, str, Sequence[Any]]]) -> list[str]:
+    """What a graph's inputs and outputs say differently from its metadata (pure).
+
+    ``inputs``/``outputs``: (name, onnxruntime type such as ``tensor(float)``, shape with ints for fixed
+    dimensions and strings or None for symbolic ones).
+    """
+    size, classes = metadata.spec.input_size, len(metadata.class_names)
+    problems = []
+    if len(inputs) != 1:
+        problems.append(f"{len(inputs)} inputs ({', '.join(n for n, _, _ in inputs)}); a tl_deploy classifier "
+                        "takes one image batch")
+    else:
+        name, dtype, shape = inputs[0]
+        if metadata.input_layout == FLOAT_NCHW:
+            want_type, want_shape, layout = "tensor(float)", (3, size, size), "(N, 3, H, W) float32"
+        else:
+            want_type, want_shape, layout = "tensor(uint8)", (size, size, 3), "(N, H, W, 3) uint8"
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+        if dtype != want_type or len(shape) != 4 or any(
+                got is not None and got != want for got, want in zip(fixed[1:], want_shape)):
+            problems.append(f"input {name!r} is {dtype} {list(shape)}, but the metadata (input_layout "
+                            f"{metadata.input_layout}, input_size {size}) asks for {layout} with H = W = {size}")
+    if len(outputs) != 1:
+        problems.append(f"{len(outputs)} outputs ({', '.join(n for n, _, _ in outputs)}); a tl_deploy "
+                        "classifier gives one (N, num_classes) logits tensor")
+    else:
+        name, dtype, shape = outputs[0]
+        width = shape[1] if len(shape) == 2 else None
+        if dtype not in ("tensor(float)", "tensor(float16)") or len(shape) != 2 or \
+                (isinstance(width, int) and width != classes):
+            problems.append(f"output {name!r} is {dtype} {list(shape)}, but the metadata lists {classes} class "
+                            f"names: expected (N, {classes}) float logits")
+    return problems
 
 
 def embed_metadata(model: Any, metadata: OnnxMetadata) -> None:

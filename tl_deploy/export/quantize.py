@@ -86,12 +86,14 @@ class QuantizationResult:
 # --------------------------------------------------------------------------- calibration data
 
 
-def select_calibration_images(data_dir: str | os.PathLike[str], max_images: int, seed: int = 0) -> list[Path]:
-    """Up to ``max_images`` image files from ``data_dir``, balanced over its class folders.
+def select_calibration_images(data_dir: str | os.PathLike[str], max_images: int, seed: int = 0,
+                              holdout: int = 0) -> list[Path]:
+    """Up to ``max_images + holdout`` image files from ``data_dir``, balanced over its class folders.
 
     ``data_dir`` may be an ImageFolder root (its ``train/`` split is used), a folder of class
     folders, or a flat folder of images. The pick is seeded and interleaves classes, so a small
-    ``max_images`` still covers every class.
+    ``max_images`` still covers every class. The first ``max_images`` calibrate; the ``holdout``
+    after them (when there are that many) check the INT8 file.
     """
     if max_images <= 0:
         raise DataError(f"Invalid --calib-samples {max_images}: choose a positive number of images.")
@@ -118,9 +120,12 @@ def select_calibration_images(data_dir: str | os.PathLike[str], max_images: int,
             if rank < len(files):
                 picked.append(files[rank])
     if len(picked) < max_images:
-        _logger.warning("calibrating on all %d images in %s (fewer than the %d asked)", len(picked), root,
-                        max_images)
-    return picked[:max_images]
+        _logger.warning("calibrating on all %d images in %s (fewer than the %d asked)%s", len(picked), root,
+                        max_images, "; none is left to hold out for the INT8 check" if holdout else "")
+    elif len(picked) < max_images + holdout:
+        _logger.warning("%d images in %s: %d calibrate, %d of the %d asked are held out for the INT8 check",
+                        len(picked), root, max_images, len(picked) - max_images, holdout)
+    return picked[:max_images + holdout]
 
 
 def calibration_batches(paths: Sequence[Path], spec: PreprocessSpec, *, batch_size: int = CALIB_BATCH,

@@ -18,8 +18,8 @@ from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployErr
 from tl_deploy.export.metadata import FLOAT_NCHW
 from tl_deploy.runtime.base import Classifier, Prediction, Runner, softmax
 
-__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "load", "softmax",
-           "verify_export_file"]
+__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "export_file", "load",
+           "read_export_manifest", "softmax", "verify_export_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -102,14 +102,35 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     return ranked[0], f"onnxruntime ({why})"
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
+def read_export_manifest(folder: Path) -> dict[str, Any]:
+    """An export folder's ``export.json``, checked: every entry names a plain file inside the folder."""
+    path = folder / EXPORT_MANIFEST
     try:
-        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as exc:
-        raise ArtifactError(f"Corrupt {folder / EXPORT_MANIFEST}: {exc}. Re-run the export.") from exc
+        raise ArtifactError(f"Corrupt {path}: {exc}. Re-run the export.") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-        raise ArtifactError(f"{folder / EXPORT_MANIFEST} is not a tl_deploy export manifest. Re-run the export.")
+        raise ArtifactError(f"{path} is not a tl_deploy export manifest. Re-run the export.")
+    for entry in manifest["files"]:
+        name = entry.get("file") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{path} lists {name!r}, which is not a file there: an export manifest "
+                                f"names only plain file names inside {folder}. Re-run the export.")
     return manifest
+
+
+def export_file(folder: Path, name: str, manifest: Mapping[str, Any], *, verify: bool = True) -> Path:
+    """The one way to open a file of an export folder: ``name`` must be a file there that
+    ``manifest`` lists, and (``verify``) match its recorded sha256. Returns its path."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or not path.is_file():
+        raise ArtifactError(f"{folder / EXPORT_MANIFEST} lists {name!r}, which is not a file there. "
+                            "Re-run the export.")
+    if not any(isinstance(f, Mapping) and f.get("file") == name for f in manifest["files"]):
+        raise ArtifactError(f"{path} is not listed in {folder / EXPORT_MANIFEST}. Re-run the export.")
+    if verify:
+        verify_export_file(path, manifest)
+    return path
 
 
 def verify_export_file(path: Path, manifest: Mapping[str, Any] | None = None) -> None:
@@ -122,7 +143,7 @@ def verify_export_file(path: Path, manifest: Mapping[str, Any] | None = None) ->
     if manifest is None:
         if not (folder / EXPORT_MANIFEST).is_file():
             return
-        manifest = _read_manifest(folder)
+        manifest = read_export_manifest(folder)
     entries = [f for f in manifest["files"] if isinstance(f, Mapping) and f.get("file") == path.name]
     if not entries:
         return
@@ -168,7 +189,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
 
         classifier = load_torch(path, device=device, verify=verify)
     elif (path / EXPORT_MANIFEST).is_file():
-        manifest = _read_manifest(path)
+        manifest = read_export_manifest(path)
         files = [f for f in manifest["files"] if isinstance(f, Mapping)]
         has_engine = any(f.get("kind") == "engine" for f in files)
         wants_trt = backend in ("auto", "tensorrt") and device != "cpu" and has_engine
@@ -203,12 +224,7 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
     entry, reason = choose_export_file(files, backend=backend, precision=precision, tensorrt_ok=tensorrt_ok,
                                        ort_gpu=ort_gpu)
     _logger.info("export folder %s: picked %s (%s)", folder, entry["file"], reason)
-    chosen = folder / str(entry["file"])
-    if Path(str(entry["file"])).name != str(entry["file"]) or not chosen.is_file():
-        raise ArtifactError(f"{folder / EXPORT_MANIFEST} lists {entry['file']!r}, which is not a file there. "
-                            "Re-run the export.")
-    if verify:
-        verify_export_file(chosen, manifest)
+    chosen = export_file(folder, str(entry["file"]), manifest, verify=verify)
     return _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
 
 

@@ -21,7 +21,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from tl_deploy.errors import DataError
+from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata
 from tl_deploy.preprocess import ImageInput, denormalize, prepare, prepare_uint8
 
@@ -141,9 +141,15 @@ class Classifier:
     def _run(self, native: np.ndarray) -> np.ndarray:
         chunk = self.runner.max_batch or DEFAULT_CHUNK
         if len(native) <= chunk:
-            return self.runner.infer(np.ascontiguousarray(native))
-        return np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
-                               for i in range(0, len(native), chunk)])
+            logits = self.runner.infer(np.ascontiguousarray(native))
+        else:
+            logits = np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
+                                     for i in range(0, len(native), chunk)])
+        want = (len(native), len(self.metadata.class_names))
+        if logits.shape != want:  # a graph with symbolic output dimensions is only checked here
+            raise ArtifactError(f"{self.source} returned logits of shape {logits.shape} for {want[0]} image(s), "
+                                f"but its metadata lists {want[1]} classes: expected {want}. Re-export it.")
+        return logits
 
     def predict_proba(self, images: Images) -> np.ndarray:
         """Images -> (N, C) class probabilities."""
@@ -151,10 +157,39 @@ class Classifier:
 
     def predict(self, images: Images, top_k: int = 1) -> Prediction:
         """Top-k labels and probabilities for one image or a list of images (always batch-shaped)."""
+        self._check_top_k(top_k)
+        return self._top_k(self.predict_proba(images), top_k)
+
+    def predict_each(self, images: Images, top_k: int = 1) -> list[Prediction | DataError]:
+        """Like ``predict``, but an image that cannot be read costs only its own result: one entry
+        per image, a one-image ``Prediction`` or the ``DataError`` that says what is wrong with it."""
+        self._check_top_k(top_k)
+        items = _as_list(images)
+        convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
+        errors: dict[int, DataError] = {}
+        arrays: list[np.ndarray] = []
+        for i, item in enumerate(items):
+            try:
+                arrays.append(convert(item, self.metadata.spec))
+            except DataError as exc:
+                errors[i] = exc
+        batch = self._top_k(softmax(self._run(np.stack(arrays))), top_k) if arrays else None
+        out: list[Prediction | DataError] = []
+        row = 0
+        for i in range(len(items)):
+            if i in errors or batch is None:
+                out.append(errors[i])
+                continue
+            out.append(Prediction(labels=[batch.labels[row]], probabilities=batch.probabilities[row:row + 1]))
+            row += 1
+        return out
+
+    def _check_top_k(self, top_k: int) -> None:
         num_classes = len(self.metadata.class_names)
         if not 1 <= top_k <= num_classes:
             raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
-        probs = self.predict_proba(images)  # (N, C)
+
+    def _top_k(self, probs: np.ndarray, top_k: int) -> Prediction:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
         labels = [[self.metadata.class_names[j] for j in row] for row in order]
         return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))

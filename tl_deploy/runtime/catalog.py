@@ -143,16 +143,22 @@ def cuda_problem() -> str | None:
 
 
 def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, device: str = "cpu",
-                 threads: int | None = None, spin: bool = True) -> Classifier:
-    """Load a runnable backend. ``device``: torch device; ``threads``/``spin``: onnxruntime options."""
+                 threads: int | None = None, spin: bool = True, verify: bool = True) -> Classifier:
+    """Load a runnable backend through the same checks as ``runtime.load``: the artifact's manifest,
+    or the export file's entry in export.json (a plain name in the folder, its sha256 when ``verify``).
+
+    ``device``: torch device; ``threads``/``spin``: onnxruntime options.
+    """
+    from tl_deploy.runtime import export_file, read_export_manifest
+
     if not choice.runnable:
         raise TlDeployError(f"Backend {choice.name} cannot run here: {choice.skip_reason}.")
     if choice.name in TORCH_BACKENDS:
         from tl_deploy.runtime.torch_backend import load_torch
 
-        return load_torch(model_dir, device=device, cuda_graphs=choice.name == "torch-cudagraph")
+        return load_torch(model_dir, device=device, verify=verify, cuda_graphs=choice.name == "torch-cudagraph")
     assert choice.file is not None  # resolve_backends gives every export backend its file
-    path = export_dir / choice.file
+    path = export_file(export_dir, choice.file, read_export_manifest(export_dir), verify=verify)
     if choice.name.startswith("trt-"):
         from tl_deploy.runtime.tensorrt_backend import load_engine
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError
-from tl_deploy.export.metadata import OnnxMetadata
+from tl_deploy.export.metadata import OnnxMetadata, graph_problems
 from tl_deploy.runtime.base import Classifier, Runner
 
 _logger = logging.getLogger(__name__)
@@ -148,6 +148,11 @@ class OnnxRuntimeRunner(Runner):
             _logger.warning("onnxruntime runs %s on the CPU: %s", path.name, reason)
         self.metadata = OnnxMetadata.from_props(self.session.get_modelmeta().custom_metadata_map,
                                                 origin=str(path))
+        problems = graph_problems(self.metadata,
+                                  [(a.name, a.type, list(a.shape)) for a in self.session.get_inputs()],
+                                  [(a.name, a.type, list(a.shape)) for a in self.session.get_outputs()])
+        if problems:
+            raise ArtifactError(f"{path} does not match its own metadata: {'; '.join(problems)}. Re-export it.")
         self.precision = self.metadata.precision
         self.input_layout = self.metadata.input_layout
         on_gpu = self.providers[0] in DEVICE_PROVIDERS

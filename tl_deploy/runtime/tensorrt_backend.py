@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, DataError
+from tl_deploy.export.metadata import graph_problems
 from tl_deploy.export.tensorrt import (
     check_sidecar,
     cuda_check,
@@ -71,6 +72,13 @@ class TensorRTRunner(Runner):
         self._out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._output)))
         in_shape = (self.profile_max, *high[1:])  # Dims[slice] -> tuple
         num_classes = len(metadata.class_names)
+        onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
+        problems = graph_problems(metadata, *([(n, onnx_type.get(dtype.name, dtype.name),
+                                                [int(d) for d in engine.get_tensor_shape(n)[:]])]
+                                              for n, dtype in ((self._input, self._in_dtype),
+                                                               (self._output, self._out_dtype))))
+        if problems:  # the output buffer below is sized from the metadata: a mismatch must stop here
+            raise ArtifactError(f"{path} does not match its sidecar metadata: {'; '.join(problems)}. Rebuild it.")
         self._in_bytes = int(np.prod(in_shape)) * self._in_dtype.itemsize
         self._out_bytes = self.profile_max * num_classes * self._out_dtype.itemsize
         self._d_in = cuda_check(cudart.cudaMalloc(self._in_bytes))
