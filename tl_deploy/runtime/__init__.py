@@ -53,8 +53,9 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     """Pick the file of an export folder to load, and say why (pure).
 
     ``auto`` means fastest: a TensorRT engine when TensorRT works here (INT8 > FP16 > FP32), else
-    onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. Baked-preprocess
-    files are never picked (load them by path).
+    onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. ``fp16`` on
+    onnxruntime is ``model.fp16.onnx`` (never picked by ``auto``: unmeasured on CUDA, slower on CPU).
+    Baked-preprocess files are never picked (load them by path).
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
@@ -88,6 +89,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     cpu_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") == "cpu"]
     qdq_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") != "cpu"]
     fp32 = [f for f in onnx_files if f.get("precision") == "fp32"]
+    fp16 = [f for f in onnx_files if f.get("precision") == "fp16"]
     if precision == "auto":
         ranked = fp32 + cpu_int8 if ort_gpu else cpu_int8 + fp32
     elif precision == "int8":
@@ -95,7 +97,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     elif precision == "fp32":
         ranked = fp32
     else:
-        ranked = []
+        ranked = fp16
     if not ranked:
         raise ArtifactError(f"No {precision} ONNX file usable by onnxruntime in this export folder.")
     return ranked[0], f"onnxruntime ({why})"
@@ -144,7 +146,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     """Load a classifier; ``.backend_name`` and ``.precision`` say what was picked (also logged).
 
     ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
-    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: torch device.
+    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: torch device, or the
+    GPU of a TensorRT engine (``"cuda:1"``).
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
     """
@@ -154,7 +157,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     if path.is_file():
         if verify:
             verify_export_file(path)
-        classifier = _load_file(path, backend, providers=providers, threads=threads)
+        classifier = _load_file(path, backend, providers=providers, threads=threads, device=device)
     elif (path / ARTIFACT_CONFIG).is_file():
         if backend not in ("auto", "torch"):
             raise ArtifactError(
@@ -178,7 +181,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
                                 "Re-run the export.")
         if verify:
             verify_export_file(chosen, manifest)
-        classifier = _load_file(chosen, "auto", providers=providers, threads=threads)
+        classifier = _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
     elif path.exists():
         raise ArtifactError(
             f"{path} is neither a model artifact (no {ARTIFACT_CONFIG}) nor an export folder "
@@ -191,8 +194,18 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     return classifier
 
 
+def cuda_device_index(device: str | None) -> int:
+    """``None``/``"cuda"`` -> 0, ``"cuda:1"`` -> 1; anything else is refused (TensorRT runs on a GPU)."""
+    if device is None or device == "cuda":
+        return 0
+    head, _, index = device.partition(":")
+    if head != "cuda" or not index.isdigit():
+        raise TlDeployError(f"Invalid device {device!r} for a TensorRT engine: use cuda or cuda:N (N = GPU index).")
+    return int(index)
+
+
 def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
-               threads: int | None) -> Classifier:
+               threads: int | None, device: str | None = None) -> Classifier:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         if backend not in ("auto", "onnxruntime"):
@@ -202,11 +215,16 @@ def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
             )
         from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
+        if providers is not None and "TensorrtExecutionProvider" in providers:
+            from tl_deploy.export.tensorrt import check_ort_tensorrt_versions
+
+            check_ort_tensorrt_versions()
+
         return load_onnx(path, providers=providers, threads=threads)
     if suffix in (".engine", ".plan"):
         if backend not in ("auto", "tensorrt"):
             raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
-        return load_engine(path)
+        return load_engine(path, device=cuda_device_index(device))
     raise ArtifactError(f"Unknown model file type {path.name!r}: expected .onnx or .engine.")
