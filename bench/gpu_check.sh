@@ -37,11 +37,12 @@ WORK=${1:-$(mktemp -d /tmp/tl_deploy_gpu_check.XXXXXX)}
 mkdir -p "$WORK"
 WHEEL=$ROOT/bench/assets/animal_mnist-0.4-py3-none-any.whl
 if [[ $DRY == 1 ]]; then
-  DEVICE=cpu LIMIT=${LIMIT:-8} PROBE_EPOCHS=${PROBE_EPOCHS:-1} EPOCHS=${EPOCHS:-1}
+  # fp32 on the CPU: autocast there is slower on most CPUs, and the dry run only checks the steps.
+  DEVICE=cpu LIMIT=${LIMIT:-8} PROBE_EPOCHS=${PROBE_EPOCHS:-1} EPOCHS=${EPOCHS:-1} AMP=(--amp off)
   CALIB=(--calib-samples 32) PARITY_LIMIT=(--limit 100) BENCH=(--batch 1,8 --rounds 2 --seconds 0.05)
 else
   DEVICE=${DEVICE:-cuda} LIMIT=${LIMIT:-200} PROBE_EPOCHS=${PROBE_EPOCHS:-3} EPOCHS=${EPOCHS:-1}
-  CALIB=() PARITY_LIMIT=() BENCH=(--batch 1,8,32 --rounds 5 --seconds 0.1)
+  CALIB=() PARITY_LIMIT=() BENCH=(--batch 1,8,32 --rounds 5 --seconds 0.1) AMP=()
 fi
 START=$SECONDS
 SKIPPED=()
@@ -144,7 +145,7 @@ echo "data: $DATA"
 step "fine-tune on $DEVICE (lp-ft, $LIMIT images per class, $PROBE_EPOCHS probe + $EPOCHS fine-tuning epochs)"
 MODEL=$WORK/models/gpu-check
 "$PYTHON" -m tl_deploy.finetune --data "$DATA" --device "$DEVICE" --limit-per-class "$LIMIT" \
-  --probe-epochs "$PROBE_EPOCHS" --epochs "$EPOCHS" --cache-dir "$WORK/cache" --out "$MODEL"
+  --probe-epochs "$PROBE_EPOCHS" --epochs "$EPOCHS" --cache-dir "$WORK/cache" --out "$MODEL" "${AMP[@]}"
 "$PYTHON" - "$MODEL" <<'EOF'
 import json
 import sys

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tl_deploy.errors import BackendUnavailableError, TlDeployError
+from tl_deploy.export import ExportOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 API = json.loads((Path(__file__).parent / "data" / "tensorrt_api.json").read_text())["versions"]
@@ -263,3 +264,70 @@ def test_ort_tensorrt_provider_refused_when_versions_clash(tmp_path: Path, monke
     model.write_bytes(b"not read: the versions are refused first")
     with pytest.raises(BackendUnavailableError, match=r"needs onnxruntime >= 1.27 for TensorRT 11"):
         load(model, providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- the export-time engine check
+
+
+@pytest.mark.parametrize("wrong", [None, "fp32", "fp16", "int8"])
+def test_every_engine_build_is_checked_against_its_source(tiny_artifact: Path, tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          wrong: str | None) -> None:
+    """Engines come from the file of their precision; one whose logits are off is refused, nothing written."""
+    import numpy as np
+
+    import tl_deploy.export as export
+    import tl_deploy.runtime.tensorrt_backend as backend
+    from tl_deploy.errors import ExportError
+    from tl_deploy.export.metadata import read_onnx_metadata
+    from tl_deploy.export.tensorrt import EngineResult
+
+    sources: dict[str, str] = {}
+
+    def fake_build(source: Path, engine: Path, **kwargs: Any) -> EngineResult:
+        precision = read_onnx_metadata(str(source)).precision
+        sources[precision] = source.name
+        engine.write_text(str(source))  # the fake engine remembers its ONNX file
+        assert kwargs["device"] == 1
+        return EngineResult(path=engine, sidecar={"gpu": "Fake GPU", "precision": precision}, seconds=0.1)
+
+    class FakeRunner:
+        """Runs the engine's source ONNX on onnxruntime, like a correct engine; ``wrong`` adds an error."""
+
+        input_layout = "float32_nchw"
+        max_batch = None
+
+        def __init__(self, path: Path, *, device: int) -> None:
+            from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
+
+            self.inner = OnnxRuntimeRunner(Path(path.read_text()), optimize=False, threads=1)
+            self.metadata, self.precision = self.inner.metadata, self.inner.precision
+
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            logits = self.inner.infer(batch)
+            if self.precision == wrong:  # #4813-style: plausible numbers, wrong ranking
+                logits = logits[:, ::-1] + np.float32(3.0)
+            return logits
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(export, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(export, "set_device", lambda device: None)
+    monkeypatch.setattr(export, "onnx_to_engine", fake_build)
+    monkeypatch.setattr(backend, "TensorRTRunner", FakeRunner)
+    out = tmp_path / "export" / "tiny"
+    builds = [ExportOptions(fp16=True, int8=True, trt=True, calib_data=tiny_data, calib_samples=24, device=1),
+              ExportOptions(trt=True, calib_data=tiny_data, device=1)]
+    if wrong is None:
+        rows = [row for options in builds for row in export.export_artifact(tiny_artifact, out / str(options.fp16),
+                                                                             options)]
+        engines = {row.precision: row for row in rows if row.kind == "engine"}
+        assert sources == {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "fp32": "model.onnx"}
+        assert set(engines) == {"int8", "fp16", "fp32"}
+        assert all("held-out images" in row.check and row.extra["source"] == sources[p] for p, row in engines.items())
+        return
+    options = builds[1] if wrong == "fp32" else builds[0]
+    with pytest.raises(ExportError, match=f"TensorRT {wrong.upper()} engine is wrong .*nothing was written"):
+        export.export_artifact(tiny_artifact, out, options)
+    assert not out.exists() and list((tmp_path / "export").iterdir()) == []
