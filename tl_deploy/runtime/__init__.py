@@ -54,7 +54,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
 
     ``auto`` means fastest: a TensorRT engine when TensorRT works here (INT8 > FP16 > FP32), else
     onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. ``fp16`` on
-    onnxruntime is ``model.fp16.onnx`` (never picked by ``auto``: unmeasured on CUDA, slower on CPU).
+    onnxruntime is ``model.fp16.onnx`` (never picked by ``auto``: its speed is not measured yet).
     Baked-preprocess files are never picked (load them by path).
     """
     if backend not in BACKENDS:
