@@ -234,7 +234,7 @@ def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool) -> list
         for precision in ("int8", "fp16", "fp32"):
             if any(f.get("kind") == "engine" and f.get("precision") == precision for f in files):
                 engines.append(Engine(f"TensorRT {precision.upper()}", model, "tensorrt", precision))
-    for precision in ("int8", "fp32"):
+    for precision in ("int8", "fp16", "fp32"):
         if any(f.get("kind") == "onnx" and f.get("precision") == precision for f in files):
             engines.append(Engine(f"ONNX Runtime {precision.upper()}", model, "onnxruntime", precision))
     artifact = source_artifact(model)

@@ -39,7 +39,8 @@ from tl_deploy.runtime.catalog import open_backend, parse_backends, resolve_back
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_BACKENDS = ("torch", "torch-cudagraph", "onnx-fp32", "onnx-int8", "trt-fp32", "trt-fp16", "trt-int8")
+DEFAULT_BACKENDS = ("torch", "torch-cudagraph", "onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp32", "trt-fp16",
+                    "trt-int8")
 REFERENCE = "torch"  # ratios are to PyTorch eager
 E2E = "e2e"  # the key of the end-to-end rows
 

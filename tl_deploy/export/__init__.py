@@ -1,6 +1,6 @@
-"""Export a model artifact: ONNX FP32 first, then INT8 ONNX and TensorRT engines from it.
+"""Export a model artifact: ONNX FP32 first, then FP16 / INT8 ONNX and TensorRT engines from them.
 
-Each format is a pure converter named by input and output (``torch_to_onnx``,
+Each format is a pure converter named by input and output (``torch_to_onnx``, ``onnx_to_fp16_onnx``,
 ``onnx_to_int8_onnx``, ``onnx_to_engine``); ``export_artifact`` only orchestrates them, checks
 every result, and writes the folder atomically with an ``export.json`` manifest (see
 export/README.md). Heavy libraries (torch, onnx, onnxruntime, tensorrt) are imported inside the
@@ -22,6 +22,8 @@ import numpy as np
 
 from tl_deploy import __version__
 from tl_deploy.errors import DataError, ExportError
+from tl_deploy.export.fp16 import CONVERTER as FP16_CONVERTER
+from tl_deploy.export.fp16 import import_float16, onnx_to_fp16_onnx
 from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, read_onnx_metadata
 from tl_deploy.export.onnx import DEFAULT_OPSET, simplify_available, torch_to_onnx
 from tl_deploy.export.quantize import (
@@ -36,12 +38,13 @@ from tl_deploy.export.tensorrt import (
     BatchProfile,
     onnx_to_engine,
     require_tensorrt,
+    set_device,
 )
 from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_writable, sha256_file
 
 __all__ = [
-    "ExportOptions", "ExportRow", "OnnxMetadata", "export_artifact", "onnx_to_engine", "onnx_to_int8_onnx",
-    "read_onnx_metadata", "torch_to_onnx",
+    "ExportOptions", "ExportRow", "OnnxMetadata", "export_artifact", "onnx_to_engine", "onnx_to_fp16_onnx",
+    "onnx_to_int8_onnx", "read_onnx_metadata", "torch_to_onnx",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -49,12 +52,19 @@ _logger = logging.getLogger(__name__)
 MANIFEST = "export.json"
 MANIFEST_FORMAT = "tl_deploy.export"
 FP32_FILE = "model.onnx"
+FP16_FILE = "model.fp16.onnx"  # float16 weights and compute, float32 I/O: onnxruntime and TensorRT FP16
 BAKED_FILE = "model.preprocess.onnx"
 INT8_FILE = "model.int8.onnx"  # QDQ, symmetric: TensorRT explicit quantization (runs on onnxruntime too)
 INT8_CPU_FILE = "model.int8.cpu.onnx"  # tuned for onnxruntime on x86 CPUs
 HOLDOUT_IMAGES = 64  # images kept out of calibration to check INT8 agreement
 PARITY_TOL = 1e-3  # max |ONNX - torch| logit difference accepted at export time
 INT8_MIN_AGREEMENT = 0.98  # below this top-1 agreement with FP32 the export warns (parity's int8 default)
+# FP16 keeps ~3 significant digits: max |FP16 - FP32| logit difference accepted at export time, for the
+# FP16 ONNX file vs model.onnx and an FP16 engine vs model.fp16.onnx. docs/fp16.md: 0.05 measured.
+FP16_TOL = 0.25
+# An INT8 engine vs the QDQ file run as written: the same integer arithmetic, so top-1 should agree;
+# this catches a wrong engine (NVIDIA/TensorRT#4813), while parity judges INT8 accuracy.
+ENGINE_INT8_MIN_AGREEMENT = 0.95
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ class ExportOptions:
 
     int8: bool = False  # INT8 ONNX files (and an INT8 engine with trt)
     trt: bool = False  # TensorRT engine(s)
-    fp16: bool = False  # FP16 TensorRT engine (with trt)
+    fp16: bool = False  # model.fp16.onnx (and an FP16 engine with trt)
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"  # torch.onnx exporter: torchscript (fast, opset 17) or dynamo
     bake_preprocess: bool = False  # also write a uint8 NHWC graph with normalisation inside
@@ -75,6 +85,7 @@ class ExportOptions:
     batch: BatchProfile = BatchProfile(1, 8, 32)  # TensorRT optimization profile
     workspace_gb: float = DEFAULT_WORKSPACE_GB  # TensorRT workspace pool limit
     timing_cache: Path | None = None  # None: <out>/../trt_timing.cache, shared by builds
+    device: int = 0  # CUDA device index for TensorRT builds and their checks
     verify: bool = True  # check the artifact's checksums before exporting
     seed: int = 0  # calibration image pick
 
@@ -132,6 +143,61 @@ def _onnx_parity(proto_path: Path, model: Any, batch: np.ndarray) -> float:
     with torch.inference_mode():
         torch_out = model(torch.from_numpy(batch)).numpy()
     return float(np.abs(onnx_out - torch_out).max())
+
+
+def _onnx_logits(path: Path, batch: np.ndarray, *, as_written: bool = False) -> np.ndarray:
+    """(N, C) logits of an ONNX file on onnxruntime's CPU provider; ``as_written``: no graph fusion."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if as_written:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float32)
+
+
+def _check_fp16_onnx(fp16: Path, fp32: Path, batch: np.ndarray, what: str) -> str:
+    """Max |logit| difference of the FP16 file vs model.onnx, refused above ``FP16_TOL``."""
+    reference = _onnx_logits(fp32, batch)
+    logits = _onnx_logits(fp16, batch)
+    diff = float(np.abs(logits - reference).max())
+    agree = float((logits.argmax(1) == reference.argmax(1)).mean())
+    if not diff <= FP16_TOL:  # NaN fails too
+        raise ExportError(f"{fp16.name} logits differ from {fp32.name} by {diff:.2e} (> {FP16_TOL}) on {what}: "
+                          "the FP16 conversion is wrong for this model; export without --fp16.")
+    return f"max|dlogit| {diff:.1e} vs {fp32.name}, top-1 agrees {agree:.0%} on {what}"
+
+
+def _check_engine(engine_path: Path, source: Path, batch: np.ndarray, what: str, device: int) -> str:
+    """Logits of a built engine vs the ONNX file it was built from, with the precision's tolerance.
+
+    Run after every build: a strongly typed TensorRT 11.1 FP32 engine was reported to give silently
+    wrong outputs (NVIDIA/TensorRT#4813), so an engine is only written when it agrees with its source.
+    """
+    from tl_deploy.runtime.base import Classifier
+    from tl_deploy.runtime.tensorrt_backend import TensorRTRunner
+
+    runner = TensorRTRunner(engine_path, device=device)
+    try:
+        logits = Classifier(runner, runner.metadata, engine_path).infer(batch)
+    finally:
+        runner.close()
+    precision = runner.precision
+    reference = _onnx_logits(source, batch, as_written=precision == "int8")
+    diff = float(np.abs(logits - reference).max())
+    agree = float((logits.argmax(1) == reference.argmax(1)).mean())
+    found = f"max|dlogit| {diff:.1e}, top-1 agrees {agree:.0%} vs {source.name} on {what}"
+    if precision == "int8":
+        wrong = not agree >= ENGINE_INT8_MIN_AGREEMENT
+        limit = f"top-1 agreement under {ENGINE_INT8_MIN_AGREEMENT:.0%}"
+    else:
+        tol = PARITY_TOL if precision == "fp32" else FP16_TOL
+        wrong = not diff <= tol  # NaN is wrong too
+        limit = f"max|dlogit| over {tol}"
+    if wrong:
+        raise ExportError(f"TensorRT {precision.upper()} engine is wrong ({found}: {limit}); nothing was written. "
+                          "Try another TensorRT version, or use the ONNX files with onnxruntime.")
+    return found
 
 
 def _top1_agreement(int8_path: Path, fp32_path: Path, batch: np.ndarray, exact_integer: bool) -> float:
@@ -206,15 +272,22 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     from tl_deploy.artifact import load_artifact, read_config
 
     model_dir, out = Path(model_dir), Path(out_dir)
-    if options.fp16 and not options.trt:
-        raise ExportError("--fp16 applies to TensorRT engines: add --trt (ONNX files stay FP32/INT8).")
     if options.calib_samples <= 0:
         raise DataError(f"Invalid --calib-samples {options.calib_samples}: choose a positive number.")
+    if options.fp16:
+        import_float16()
     if options.trt:
         require_tensorrt()
+        set_device(options.device)
     config = read_config(model_dir)
     check_output_writable(out)
     calib_dir = resolve_calibration_dir(model_dir, config, options.calib_data) if options.int8 else None
+    check_dir = calib_dir
+    if check_dir is None and (options.fp16 or options.trt):
+        try:  # the FP16 and engine checks use real images when the artifact names its data
+            check_dir = resolve_calibration_dir(model_dir, config, options.calib_data)
+        except DataError as exc:
+            _logger.info("FP16/TensorRT checks run on seeded noise: %s", exc)
     simplify = simplify_available() if options.simplify is None else options.simplify
     if options.simplify is None and not simplify:
         _logger.info("onnxslim not installed: graph left unsimplified (pip install 'tl_deploy[simplify]')")
@@ -236,9 +309,15 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             check_paths = hold_paths or calib_paths[:HOLDOUT_IMAGES]
             holdout = np.concatenate(list(calibration_batches(check_paths, artifact.spec)))
             held_out = len(hold_paths)
+        elif check_dir is not None:
+            hold_paths = select_calibration_images(check_dir, HOLDOUT_IMAGES, options.seed)
+            holdout = np.concatenate(list(calibration_batches(hold_paths, artifact.spec)))
         size = artifact.spec.input_size
         probe = holdout[:8] if holdout is not None else \
             np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
+        checks = holdout if holdout is not None else \
+            np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+        checked_on = f"{len(checks)} held-out images" if holdout is not None else f"{len(checks)} noise inputs"
 
         _logger.info("ONNX FP32: exporting %s (opset %d, %s exporter)", artifact.architecture.name,
                      options.opset, options.exporter)
@@ -258,24 +337,37 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             rows.append(_finish(ExportRow("ONNX FP32 uint8-in", BAKED_FILE, "onnx", "fp32", UINT8_NHWC, "any",
                                           time.perf_counter() - start, check="normalisation in graph"), baked))
 
+        if options.fp16:
+            _logger.info("ONNX FP16: converting %s (%s)", FP32_FILE, FP16_CONVERTER)
+            half = onnx_to_fp16_onnx(fp32, tmp / FP16_FILE)
+            check = _check_fp16_onnx(half.path, fp32, checks, checked_on)
+            rows.append(_finish(ExportRow("ONNX FP16", FP16_FILE, "onnx", "fp16", FLOAT_NCHW, "any", half.seconds,
+                                          check=check, extra={"converter": FP16_CONVERTER,
+                                                              "fp16_nodes": half.fp16_nodes,
+                                                              "fp32_nodes": half.fp32_nodes}), half.path))
+
         if options.int8:
             rows.extend(_export_int8(fp32, tmp, calib_paths, holdout, held_out, str(calib_dir), artifact.spec,
                                      options))
 
         if options.trt:
             cache = options.timing_cache or out.parent / "trt_timing.cache"
-            builds = ([("int8", tmp / INT8_FILE, False)] if options.int8 else []) + \
-                     ([("fp16", fp32, True)] if options.fp16 else []) + \
-                     ([("fp32", fp32, False)] if not (options.int8 or options.fp16) else [])
-            for precision, source, fp16 in builds:
+            # One build path: the engine's precision is its ONNX file's (strongly typed network).
+            builds = ([("int8", tmp / INT8_FILE)] if options.int8 else []) + \
+                     ([("fp16", tmp / FP16_FILE)] if options.fp16 else []) + \
+                     ([("fp32", fp32)] if not (options.int8 or options.fp16) else [])
+            for precision, source in builds:
                 name = f"model.{precision}.engine"
-                _logger.info("TensorRT %s: building %s (batch %s)", precision.upper(), name, options.batch)
-                engine = onnx_to_engine(source, tmp / name, fp16=fp16, profile=options.batch,
+                _logger.info("TensorRT %s: building %s from %s (batch %s)", precision.upper(), name, source.name,
+                             options.batch)
+                engine = onnx_to_engine(source, tmp / name, profile=options.batch,
                                         workspace_bytes=int(options.workspace_gb * (1 << 30)),
-                                        timing_cache=cache)
+                                        timing_cache=cache, device=options.device)
+                check = _check_engine(engine.path, source, checks, checked_on, options.device)
                 rows.append(_finish(ExportRow(f"TensorRT {precision.upper()}", name, "engine", precision,
                                               FLOAT_NCHW, "tensorrt", engine.seconds,
-                                              check=f"{engine.sidecar['gpu']}, batch {options.batch}"),
+                                              check=f"{engine.sidecar['gpu']}, batch {options.batch}, {check}",
+                                              extra={"source": source.name}),
                                     engine.path))
 
         from tl_deploy.artifact import package_versions

@@ -1,4 +1,4 @@
-"""python -m tl_deploy.export MODEL_DIR [--onnx] [--int8] [--trt [--fp16]] ... -> export/<run-name>/"""
+"""python -m tl_deploy.export MODEL_DIR [--onnx] [--fp16] [--int8] [--trt] ... -> export/<run-name>/"""
 
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = _OneLineParser(
         prog="python -m tl_deploy.export",
-        description="Export a fine-tuned model artifact to ONNX FP32 (always), INT8 ONNX and TensorRT.",
+        description="Export a fine-tuned model artifact to ONNX FP32 (always), FP16 and INT8 ONNX, and TensorRT.",
     )
     p.add_argument("model_dir", type=Path, help="model artifact folder (models/<run-name>)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: export/<run-name>)")
     p.add_argument("--onnx", action="store_true", help="ONNX FP32 (always written; the flag is for clarity)")
     p.add_argument("--int8", action="store_true",
                    help="INT8 ONNX (QDQ, plus a CPU-tuned file); with --trt an INT8 engine")
-    p.add_argument("--trt", action="store_true", help="TensorRT engine (FP32 unless --int8/--fp16)")
-    p.add_argument("--fp16", action="store_true", help="with --trt: an FP16 engine")
+    p.add_argument("--trt", action="store_true",
+                   help="TensorRT engine of each precision asked for (FP32 unless --int8/--fp16)")
+    p.add_argument("--fp16", action="store_true",
+                   help="model.fp16.onnx (float16 compute, float32 I/O); with --trt an FP16 engine from it")
     g = p.add_argument_group("ONNX")
     g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     g.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
@@ -67,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
     g.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file reused across builds (default: <out>/../trt_timing.cache)")
+    g.add_argument("--device", type=int, default=0, help="CUDA device index to build and check on (default 0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
     p.add_argument("--seed", type=int, default=0, help="calibration image pick")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging; show tracebacks")
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bake_preprocess=args.bake_preprocess, simplify=args.simplify, calib_data=args.calib_data,
             calib_samples=args.calib_samples, calib_method=args.calib_method, int8_cpu=args.int8_cpu,
             batch=parse_batch_profile(args.batch), workspace_gb=args.workspace_gb,
-            timing_cache=args.timing_cache, verify=args.verify, seed=args.seed,
+            timing_cache=args.timing_cache, device=args.device, verify=args.verify, seed=args.seed,
         )
         if not args.model_dir.is_dir():
             raise TlDeployError(

@@ -1,13 +1,15 @@
 """ONNX -> TensorRT engine, plus the JSON sidecar that says where the engine may run.
 
-Written against the TensorRT 10 Python API (type-checked with ``tensorrt-stubs``). A serialized
-engine only loads on the TensorRT version and GPU model it was built with, so every engine gets a
-sidecar ``<engine>.json``; ``check_sidecar`` is a pure function of that dict and the current
-environment, and refuses foreign or tampered engines with a message that says how to rebuild.
+Written against the TensorRT 10 Python API (type-checked with ``tensorrt-stubs``) and using only
+what TensorRT 11 kept (checked against the 11.x bindings by ``tests/test_tensorrt_api.py``). A
+serialized engine only loads on the TensorRT version and GPU model it was built with, so every
+engine gets a sidecar ``<engine>.json``; ``check_sidecar`` is a pure function of that dict and the
+current environment, and refuses foreign or tampered engines with a message that says how to rebuild.
 
-Precision: FP32 and INT8 engines use a strongly typed network (types follow the ONNX graph; the INT8
-QDQ file gives explicit quantization, as NVIDIA recommends, with no precision flags). FP16 engines
-use a weakly typed network with ``BuilderFlag.FP16``.
+Precision is a property of the ONNX file, as NVIDIA recommends since TensorRT 10 and requires from
+TensorRT 11 (which removed ``BuilderFlag.FP16/INT8`` and weakly typed networks): every engine is
+built from a strongly typed network, so ``model.onnx`` gives FP32, ``model.fp16.onnx`` (float16
+weights and compute) FP16 and the QDQ ``model.int8.onnx`` explicitly quantized INT8, by one path.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_PROFILE = "1:8:32"
 DEFAULT_WORKSPACE_GB = 2.0
 INSTALL_HINT = (
-    "pip install 'tl_deploy[trt]' --extra-index-url https://pypi.nvidia.com "
-    "(TensorRT 10 and cuda-python from NVIDIA's package index; needs an NVIDIA driver)"
+    "pip install 'tl_deploy[trt]' (TensorRT 10 or 11 and cuda-python from PyPI; needs an NVIDIA driver)"
 )
 _SIDECAR_FIELDS = ("format", "format_version", "tensorrt", "gpu", "compute_capability", "precision",
                    "profile", "onnx_sha256", "engine_sha256", "metadata")
@@ -123,19 +124,67 @@ def require_tensorrt() -> None:
         )
 
 
-def current_environment() -> dict[str, str]:
-    """TensorRT version and GPU identity of this machine (what a sidecar is checked against)."""
+def set_device(device: int) -> Any:
+    """Make GPU ``device`` current for this thread (TensorRT builds and runs on the current device);
+    returns the cudart module. Refuses an index this machine does not have."""
+    cudart = import_cudart()
+    count = cuda_check(cudart.cudaGetDeviceCount())
+    if not 0 <= device < int(count):
+        raise BackendUnavailableError(
+            f"Invalid CUDA device {device}: this machine has {count} GPU(s), numbered 0..{int(count) - 1}."
+        )
+    cuda_check(cudart.cudaSetDevice(device))
+    return cudart
+
+
+def current_environment(device: int = 0) -> dict[str, str]:
+    """TensorRT version and identity of GPU ``device`` (what a sidecar is checked against)."""
     require_tensorrt()
     import tensorrt as trt
 
     cudart = import_cudart()
-    props = cuda_check(cudart.cudaGetDeviceProperties(0))
+    props = cuda_check(cudart.cudaGetDeviceProperties(device))
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return {
         "tensorrt": str(trt.__version__),
         "gpu": name.rstrip("\x00").strip(),
         "compute_capability": f"{props.major}.{props.minor}",
     }
+
+
+ORT_MIN_FOR_TENSORRT_11 = (1, 27)  # first onnxruntime whose TensorRT execution provider links TensorRT 11
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
+
+
+def ort_tensorrt_problem(ort_version: str, tensorrt_version: str | None) -> str | None:
+    """Why onnxruntime's TensorRT execution provider cannot work with this TensorRT, or None (pure)."""
+    if tensorrt_version is None or _major_minor(tensorrt_version)[0] < 11:
+        return None
+    if _major_minor(ort_version) >= ORT_MIN_FOR_TENSORRT_11:
+        return None
+    need = ".".join(map(str, ORT_MIN_FOR_TENSORRT_11))
+    return (f"onnxruntime's TensorRT execution provider needs onnxruntime >= {need} for TensorRT 11; this machine "
+            f"has onnxruntime {ort_version} with TensorRT {tensorrt_version}: pip install 'onnxruntime-gpu>={need}', "
+            "or pip install 'tensorrt<11', or run the .engine file with the native TensorRT backend")
+
+
+def check_ort_tensorrt_versions() -> None:
+    """Refuse onnxruntime's TensorRT provider when the installed versions do not fit together."""
+    import onnxruntime as ort
+
+    try:
+        import tensorrt as trt
+
+        tensorrt_version: str | None = str(trt.__version__)
+    except (ImportError, AttributeError):  # the provider reports a missing TensorRT itself
+        tensorrt_version = None
+    problem = ort_tensorrt_problem(str(ort.__version__), tensorrt_version)
+    if problem:
+        raise BackendUnavailableError(f"{problem}.")
 
 
 # --------------------------------------------------------------------------- sidecar
@@ -242,51 +291,52 @@ def onnx_to_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
     *,
-    fp16: bool = False,
     profile: BatchProfile = BatchProfile(1, 8, 32),
     workspace_bytes: int = int(DEFAULT_WORKSPACE_GB * (1 << 30)),
     timing_cache: str | os.PathLike[str] | None = None,
+    device: int = 0,
 ) -> EngineResult:
     """Build a serialized TensorRT engine from a tl_deploy ONNX file and write it with its sidecar.
 
-    An INT8 (QDQ) ONNX file gives an explicitly quantized INT8 engine; ``fp16`` builds FP16 from a
-    float file. ``timing_cache`` is read if present and updated after the build, so later builds
-    (other precisions, other profiles) skip kernel timing they already did.
+    The engine's precision is the file's: ``model.onnx`` gives FP32, ``model.fp16.onnx`` FP16 and the
+    QDQ ``model.int8.onnx`` INT8, all from a strongly typed network (the one kind TensorRT 11 builds).
+    ``timing_cache`` is read if present and updated after the build, so later builds (other
+    precisions, other profiles) skip kernel timing they already did. ``device``: the GPU index.
     """
     require_tensorrt()
     import tensorrt as trt  # typed by tensorrt-stubs, so mypy checks every call below
 
     from tl_deploy.export.metadata import read_onnx_metadata
 
-    env = current_environment()
+    set_device(device)
+    env = current_environment(device)
     start = time.perf_counter()
     source = Path(onnx_path)
     if not source.is_file():
         raise ExportError(f"ONNX file not found: {source}. Export it first with python -m tl_deploy.export.")
     metadata = read_onnx_metadata(str(source))
-    if fp16 and metadata.precision == "int8":
-        raise ExportError(f"{source} is INT8 (QDQ): build it without --fp16, or build FP16 from model.onnx.")
     if workspace_bytes <= 0:
         raise ExportError(f"Invalid workspace {workspace_bytes} bytes: choose a positive size (e.g. 2 GiB).")
-    precision = "int8" if metadata.precision == "int8" else "fp16" if fp16 else "fp32"
-    strongly_typed = not fp16
+    precision = metadata.precision
+    if precision not in ENGINE_PRECISIONS:
+        raise ExportError(f"{source} has precision {precision!r}; engines are built from "
+                          f"{', '.join(ENGINE_PRECISIONS)} ONNX files.")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    # Types follow the ONNX graph. TensorRT 11 builds only strongly typed networks (and ignores the
+    # flag); TensorRT 10 needs it, or it would pick layer precisions itself.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT could not parse {source}: {errors[:500]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "fp32":
-        # TensorRT may run FP32 layers in TF32 (10-bit mantissa) on Ampere and newer GPUs; an FP32
-        # engine computes in FP32 so that it matches PyTorch within parity's 1e-3.
-        config.clear_flag(trt.BuilderFlag.TF32)
+    # TensorRT may run FP32 tensors in TF32 (10-bit mantissa) on Ampere and newer GPUs; FP32 stays
+    # FP32 here (the FP32 engine, and the layers an FP16/INT8 file keeps in FP32), so the engine
+    # matches its ONNX file within the export check's tolerance.
+    config.clear_flag(trt.BuilderFlag.TF32)
     input_name = network.get_input(0).name
     trt_profile = builder.create_optimization_profile()
     low, opt, high = (trt.Dims(list(input_shape_for(metadata, b))) for b in (profile.min, profile.opt, profile.max))
@@ -313,7 +363,7 @@ def onnx_to_engine(
     sidecar = make_sidecar(
         env=env, precision=precision, profile=profile, input_name=input_name,
         input_shape=input_shape_for(metadata, -1), workspace_bytes=workspace_bytes,
-        strongly_typed=strongly_typed, onnx_file=source.name, onnx_sha256=sha256_file(source),
+        strongly_typed=True, onnx_file=source.name, onnx_sha256=sha256_file(source),
         engine_sha256=sha256_file(out), metadata=metadata, build_seconds=seconds,
     )
     atomic_write_json(sidecar_path(out), sidecar)

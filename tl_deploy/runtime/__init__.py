@@ -54,8 +54,9 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     """Pick the file of an export folder to load, and say why (pure).
 
     ``auto`` means fastest: a TensorRT engine when TensorRT works here (INT8 > FP16 > FP32), else
-    onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. Baked-preprocess
-    files are never picked (load them by path).
+    onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. ``fp16`` on
+    onnxruntime is ``model.fp16.onnx`` (never picked by ``auto``: its speed is not measured yet).
+    Baked-preprocess files are never picked (load them by path).
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
@@ -89,6 +90,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     cpu_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") == "cpu"]
     qdq_int8 = [f for f in onnx_files if f.get("precision") == "int8" and f.get("target") != "cpu"]
     fp32 = [f for f in onnx_files if f.get("precision") == "fp32"]
+    fp16 = [f for f in onnx_files if f.get("precision") == "fp16"]
     if precision == "auto":
         ranked = fp32 + cpu_int8 if ort_gpu else cpu_int8 + fp32
     elif precision == "int8":
@@ -96,7 +98,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     elif precision == "fp32":
         ranked = fp32
     else:
-        ranked = []
+        ranked = fp16
     if not ranked:
         raise ArtifactError(f"No {precision} ONNX file usable by onnxruntime in this export folder.")
     return ranked[0], f"onnxruntime ({why})"
@@ -167,8 +169,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
 
     ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
     fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: ``cpu``, ``cuda`` or
-    ``cuda:N``, for torch and onnxruntime (``cpu``: onnxruntime's CPU provider only; None: a GPU when
-    one is usable).
+    ``cuda:N``, for torch, onnxruntime and TensorRT engines (``cpu``: onnxruntime's CPU provider only;
+    None: a GPU when one is usable).
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
     """
@@ -228,6 +230,16 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
     return _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
 
 
+def cuda_device_index(device: str | None) -> int:
+    """``None``/``"cuda"`` -> 0, ``"cuda:1"`` -> 1; anything else is refused (TensorRT runs on a GPU)."""
+    if device is None or device == "cuda":
+        return 0
+    head, _, index = device.partition(":")
+    if head != "cuda" or not index.isdigit():
+        raise TlDeployError(f"Invalid device {device!r} for a TensorRT engine: use cuda or cuda:N (N = GPU index).")
+    return int(index)
+
+
 def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
                threads: int | None, device: str | None = None) -> Classifier:
     suffix = path.suffix.lower()
@@ -239,6 +251,10 @@ def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
             )
         from tl_deploy.runtime.onnxruntime_backend import gpu_index, load_onnx
 
+        if providers is not None and "TensorrtExecutionProvider" in providers:
+            from tl_deploy.export.tensorrt import check_ort_tensorrt_versions
+
+            check_ort_tensorrt_versions()
         if providers is None and device == "cpu":
             providers = ["CPUExecutionProvider"]
         return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads)
@@ -247,5 +263,5 @@ def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
             raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
-        return load_engine(path)
+        return load_engine(path, device=cuda_device_index(device))
     raise ArtifactError(f"Unknown model file type {path.name!r}: expected .onnx or .engine.")

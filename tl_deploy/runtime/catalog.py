@@ -5,6 +5,7 @@
 ``torch-cudagraph`` the same module replayed from CUDA graphs (CUDA only)
 ``onnx-fp32``       ``model.onnx`` on onnxruntime
 ``onnx-fp32-uint8`` ``model.preprocess.onnx``: uint8 pixels in, normalisation inside the graph
+``onnx-fp16``       ``model.fp16.onnx``: float16 weights and compute, float32 I/O (CPU or CUDA)
 ``onnx-int8``       ``model.int8.cpu.onnx``: INT8 tuned for onnxruntime on CPUs
 ``onnx-int8-qdq``   ``model.int8.onnx`` run as written (Q/DQ not fused): the integer arithmetic a
                     TensorRT INT8 engine performs, so its accuracy can be checked without a GPU
@@ -30,6 +31,7 @@ from tl_deploy.runtime.base import Classifier
 EXPORT_BACKENDS: dict[str, tuple[str, str]] = {
     "onnx-fp32": ("fp32", ""),
     "onnx-fp32-uint8": ("fp32", "--bake-preprocess"),
+    "onnx-fp16": ("fp16", "--fp16"),
     "onnx-int8": ("int8", "--int8"),
     "onnx-int8-qdq": ("int8", "--int8"),
     "trt-fp32": ("fp32", "--trt"),

@@ -2,7 +2,8 @@
 
 The engine's sidecar is checked first (TensorRT version, GPU, sha256), so a foreign or modified
 engine is refused with a message saying how to rebuild, instead of failing deep inside TensorRT.
-One execution context and one set of device buffers per runner; calls are serialised with a lock.
+One execution context and one set of device buffers per runner, on the GPU it was given (``device``,
+made current in every call: CUDA's current device is per thread); calls are serialised with a lock.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tl_deploy.export.tensorrt import (
     check_sidecar,
     cuda_check,
     current_environment,
-    import_cudart,
     read_sidecar,
     require_tensorrt,
+    set_device,
 )
 from tl_deploy.fileio import sha256_file
 from tl_deploy.runtime.base import Classifier, Runner
@@ -36,15 +37,16 @@ class TensorRTRunner(Runner):
     backend_name = "tensorrt"
     thread_safe = True  # safe through the lock; use one runner per thread for concurrency
 
-    def __init__(self, engine_path: str | Path) -> None:
+    def __init__(self, engine_path: str | Path, *, device: int = 0) -> None:
         require_tensorrt()
         import tensorrt as trt  # typed by tensorrt-stubs
 
-        self._cudart = cudart = import_cudart()
         path = Path(engine_path)
         if not path.is_file():
             raise ArtifactError(f"Engine file not found: {path}.")
-        metadata = check_sidecar(read_sidecar(path), current_environment(), engine_sha256=sha256_file(path),
+        self._device_index = device
+        self._cudart = cudart = set_device(device)
+        metadata = check_sidecar(read_sidecar(path), current_environment(device), engine_sha256=sha256_file(path),
                                  engine_name=str(path))
         self.metadata = metadata
         self.precision = str(read_sidecar(path)["precision"])
@@ -86,8 +88,9 @@ class TensorRTRunner(Runner):
         self._stream = cuda_check(cudart.cudaStreamCreate())
         self._context.set_tensor_address(self._input, int(self._d_in))
         self._context.set_tensor_address(self._output, int(self._d_out))
-        props = cuda_check(cudart.cudaGetDeviceProperties(0))
-        self.device = f"cuda:0 ({props.name.decode(errors='replace') if isinstance(props.name, bytes) else props.name})"
+        props = cuda_check(cudart.cudaGetDeviceProperties(device))
+        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+        self.device = f"cuda:{device} ({name.rstrip(chr(0)).strip()})"
         self._lock = threading.Lock()
         self._closed = False
 
@@ -103,6 +106,7 @@ class TensorRTRunner(Runner):
         with self._lock:
             if self._closed:
                 raise ArtifactError("This TensorRT runner was closed.")
+            cuda_check(cudart.cudaSetDevice(self._device_index))  # this thread may have another current GPU
             if not self._context.set_input_shape(self._input, host_in.shape):
                 raise DataError(f"Engine refused input shape {host_in.shape}.")
             out_shape: tuple[int, ...] = self._context.get_tensor_shape(self._output)[:]
@@ -122,6 +126,7 @@ class TensorRTRunner(Runner):
                 return
             self._closed = True
             cudart: Any = self._cudart
+            cudart.cudaSetDevice(self._device_index)
             cudart.cudaFree(self._d_in)
             cudart.cudaFree(self._d_out)
             cudart.cudaStreamDestroy(self._stream)
@@ -134,8 +139,8 @@ class TensorRTRunner(Runner):
                 pass
 
 
-def load_engine(path: Path) -> Classifier:
-    """A ``.engine`` file (with its sidecar) -> classifier on native TensorRT."""
-    runner = TensorRTRunner(path)
+def load_engine(path: Path, *, device: int = 0) -> Classifier:
+    """A ``.engine`` file (with its sidecar) -> classifier on native TensorRT, on GPU ``device``."""
+    runner = TensorRTRunner(path, device=device)
     _logger.info("tensorrt: %s (%s) on %s", path.name, runner.precision, runner.device)
     return Classifier(runner, runner.metadata, path)
