@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import os
 import subprocess
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tl_deploy.errors import ArtifactError, DataError, TlDeployError
+from tl_deploy.fileio import read_json
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, open_image
 
 _logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Engine:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"Cannot read {path}: {exc}. Re-create it (export or fine-tune again).") from exc
     if not isinstance(data, dict):

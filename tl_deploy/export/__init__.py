@@ -37,7 +37,7 @@ from tl_deploy.export.tensorrt import (
     onnx_to_engine,
     require_tensorrt,
 )
-from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_writable, sha256_file
+from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_folder, check_output_writable, sha256_file
 
 __all__ = [
     "ExportOptions", "ExportRow", "OnnxMetadata", "export_artifact", "onnx_to_engine", "onnx_to_int8_onnx",
@@ -205,8 +205,9 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     if options.trt:
         require_tensorrt()
     config = read_config(model_dir)
-    check_output_writable(out)
     calib_dir = resolve_calibration_dir(model_dir, config, options.calib_data) if options.int8 else None
+    check_output_folder(out, "export", inputs={"model artifact": model_dir, "calibration data": calib_dir})
+    check_output_writable(out)
     simplify = simplify_available() if options.simplify is None else options.simplify
     if options.simplify is None and not simplify:
         _logger.info("onnxslim not installed: graph left unsimplified (pip install 'tl_deploy[simplify]')")
