@@ -686,7 +686,7 @@ def check_output(cfg: TrainConfig, out: Path, data_dir: Path) -> None:
 
 def checkpoint_mismatch(exc: BaseException, what: str, where: Path | None = None) -> ArtifactError:
     """One line for a checkpoint whose contents do not fit the model being resumed."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = " ".join(str(exc).split())[:300] or type(exc).__name__
     todo = f"Delete {where} and drop" if where is not None else "Drop"
     return ArtifactError(f"The checkpoint's {what} does not fit this run ({first}). {todo} --resume to start over.")
 
