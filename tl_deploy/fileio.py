@@ -258,8 +258,8 @@ def _refuse_under_file_or_output(dest: Path, shown: Path, option: str, what: str
                               f"choose another {option}.")
         kind = output_kind(parent) if parent.is_dir() else None
         if kind is not None:
-            raise OutputError(f"{option} {shown} is inside the {kind} {parent}: {what} never go into another "
-                              f"tool output; choose a path outside it.")
+            raise OutputError(f"{option} {shown} is inside the {kind} {parent}, and {what} never go inside one: "
+                              "choose a path outside it.")
 
 
 def _refuse_inputs(dest: Path, shown: Path, option: str, inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
