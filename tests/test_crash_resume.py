@@ -124,11 +124,11 @@ def test_unwritable_output_is_refused_before_any_work(tiny_data: Path, tmp_path:
     monkeypatch.setattr(finetune, "load_splits", must_not_run)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(OutputError, match="Cannot write to"):
+    with pytest.raises(OutputError, match="which is a file, not a folder"):
         fit(tiny_config(tiny_data, blocker / "run"))
     rc = main(["--data", str(tiny_data), "--model", TINY_MODEL, "--out", str(blocker / "run")])
     assert rc == 1
-    assert_one_error_line(capsys.readouterr().err, "Choose another --out")
+    assert_one_error_line(capsys.readouterr().err, "choose another --out")
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

@@ -34,7 +34,7 @@ from tl_deploy.datasets import (
     restricted_loads,
     write_image_folder,
 )
-from tl_deploy.errors import DataError
+from tl_deploy.errors import DataError, OutputError
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 20  # with fractions 0.1 / 0.2: 14 train, 2 val, 4 test per class
@@ -285,7 +285,7 @@ def test_refuses_to_replace_foreign_folder(
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="non-empty folder without dataset.json"):
+    with pytest.raises(OutputError, match="non-empty folder that holds no earlier dataset"):
         write_image_folder(images, labels, CLASSES, out, force=True)
     assert (out / "notes.txt").read_text() == "keep me"
 
@@ -330,9 +330,11 @@ def test_cli_unknown_dataset(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_bad_fraction_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["animal-shape", "--out", str(tmp_path / "x"), "--val-fraction", "2"]) == 1
+    with pytest.raises(SystemExit) as exc:  # a usage error: argparse's exit code 2
+        main(["animal-shape", "--out", str(tmp_path / "x"), "--val-fraction", "2"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --val-fraction must be between 0 and 1")
+    assert err.startswith("error: argument --val-fraction: 2 is out of range: choose a finite number in (0, 1)")
     assert err.count("\n") == 1 and "Traceback" not in err
 
 

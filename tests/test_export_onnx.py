@@ -156,7 +156,7 @@ def run_cli(args: list[str]) -> int:
         (["{model}", "--batch", "0:1:2"], "Invalid --batch '0:1:2'", 1),
         (["{model}", "--device", "first"], "invalid int value: 'first'", 2),
         (["{model}", "--calib-method", "magic"], "invalid choice: 'magic'", 2),
-        (["{model}", "--opset", "nine"], "invalid int value: 'nine'", 2),
+        (["{model}", "--opset", "nine"], "'nine' is not an integer in [13, 23]", 2),
         (["{model}", "--int8"], "pass --calib-data DIR", 1),
         (["{model}", "--int8", "--calib-data", "{missing}"], "Calibration folder", 1),
     ],

@@ -7,6 +7,10 @@ the default (a longer hunt).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
+import importlib
 import io
 import json
 import os
@@ -24,6 +28,7 @@ from PIL import Image
 
 from tl_deploy.artifact import load_artifact
 from tl_deploy.checkpoint import Checkpointer
+from tl_deploy.cli import Range
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export.metadata import OnnxMetadata
 from tl_deploy.export.tensorrt import check_sidecar
@@ -213,3 +218,140 @@ def test_onnx_metadata_props(real_props: dict[str, str], key: str, value: str) -
     props = {**real_props, key: value}
     outcome(lambda: OnnxMetadata.from_props(props))
     outcome(lambda: OnnxMetadata.from_props({k: v for k, v in props.items() if k != key}))
+
+
+# --------------------------------------------------------------------------- CLI arguments
+
+CLI_MODULES = {"finetune": "tl_deploy.finetune", "evaluate": "tl_deploy.evaluate", "parity": "tl_deploy.parity",
+               "bench": "tl_deploy.bench", "export": "tl_deploy.export.__main__", "datasets": "tl_deploy.datasets",
+               "experiments": "tl_deploy.experiments"}
+CLI_FUZZ = settings(FUZZ, max_examples=min(EXAMPLES, 30))
+
+
+@functools.cache
+def _cli(verb: str) -> tuple[Callable[[list[str]], int], argparse.ArgumentParser]:
+    """A verb's main() and the parser its options live on (the subcommand's for experiments)."""
+    module = importlib.import_module(CLI_MODULES[verb])
+    parser = module.get_args_parser()
+    if verb == "experiments":
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices["transfer-curve"]
+    return module.main, parser
+
+
+def _base_args(verb: str, scratch: Path) -> list[str]:
+    """Arguments valid apart from the one under test, all pointing into ``scratch``."""
+    model, out = str(scratch / "model"), str(scratch / "new")
+    return {"finetune": ["--data", str(scratch / "data"), "--out", out], "evaluate": [model, "--json", out],
+            "parity": [model, "--report", out], "bench": [model, "--out", out], "export": [model, "--out", out],
+            "datasets": ["animal-shape", "--out", out], "experiments": ["transfer-curve", "--out", out]}[verb]
+
+
+def _outside(allowed: Range) -> st.SearchStrategy[str]:
+    """Text of values ``allowed`` refuses: non-numbers, non-finite, below or above its bounds, fractions for ints."""
+    choices: list[st.SearchStrategy[str]] = [st.sampled_from(["nan", "inf", "-inf", "", "x", "1e999", "0x10", "1,5"])]
+    if allowed.kind is int:
+        choices.append(st.floats(-1e6, 1e6).filter(lambda v: v != int(v)).map(repr))
+    if allowed.low is not None:
+        if allowed.kind is int:
+            top = int(allowed.low) - (0 if allowed.low_open else 1)
+            choices.append(st.integers(-2**70, top).map(str))
+        else:
+            choices.append(st.floats(-1e30, allowed.low, exclude_max=not allowed.low_open).map(repr))
+    if allowed.high is not None:
+        if allowed.kind is int:
+            bottom = int(allowed.high) + (0 if allowed.high_open else 1)
+            choices.append(st.integers(bottom, 2**70).map(str))
+        else:
+            choices.append(st.floats(allowed.high, 1e30, exclude_min=not allowed.high_open).map(repr))
+    return st.one_of(choices)
+
+
+@st.composite
+def bad_cli_arguments(draw: st.DrawFn) -> tuple[str, str, str]:
+    """(verb, option, value) where the value is outside the option's allowed values."""
+    verb = draw(st.sampled_from(sorted(CLI_MODULES)))
+    _, parser = _cli(verb)
+    numeric = [(a.option_strings[0], a.type) for a in parser._actions if isinstance(a.type, Range)]
+    chosen = [(a.option_strings[0], a.choices) for a in parser._actions if a.option_strings and a.choices]
+    kind = draw(st.sampled_from(["numeric"] * 3 + ["choice", "device", "unknown"]))
+    if kind == "numeric" and numeric:
+        flag, allowed = draw(st.sampled_from(numeric))
+        return verb, flag, draw(_outside(allowed))
+    if kind == "choice" and chosen:
+        flag, values = draw(st.sampled_from(chosen))
+        return verb, flag, draw(st.text(st.characters(codec="ascii", exclude_characters="-"), min_size=1,
+                                        max_size=8).filter(lambda v: v not in values))
+    devices = [a.option_strings[0] for a in parser._actions if "--device" in a.option_strings]
+    if kind == "device" and devices:
+        return verb, devices[0], draw(st.sampled_from(["bogus", "gpu", "cuda:", "cuda:x", "tpu", "CPU", ""]))
+    return verb, "--no-such-option", "1"
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def cli_scratch(tiny_artifact: Path, tiny_data: Path) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="tl_deploy_cli_fuzz_") as tmp:
+        shutil.copytree(tiny_artifact, Path(tmp) / "model")
+        shutil.copytree(tiny_data, Path(tmp) / "data")
+        yield Path(tmp)
+
+
+def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()
+
+
+def _assert_refused(code: int, err: str, mentions: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0, err
+    assert len(errors) == 1 and mentions in errors[0], err
+    assert "Traceback" not in err
+
+
+@CLI_FUZZ
+@given(case=bad_cli_arguments())
+def test_cli_refuses_bad_arguments_in_one_line(cli_scratch: Path, case: tuple[str, str, str]) -> None:
+    verb, flag, value = case
+    main, _ = _cli(verb)
+    before = _tree(cli_scratch)
+    code, err = _run_cli(main, [*_base_args(verb, cli_scratch), f"{flag}={value}"])
+    _assert_refused(code, err, flag)
+    assert _tree(cli_scratch) == before  # nothing written, nothing removed
+
+
+FOLDER_TARGETS = ["model/config.json", "model/sub", ".", "data", "data/train", "notes.txt", "notes.txt/out",
+                  "stranger"]
+HOSTILE_OUTPUTS = [  # (verb, --out/--json/--report value) that each verb must refuse
+    *((verb, target) for verb in ("finetune", "export", "datasets") for target in FOLDER_TARGETS),
+    ("export", "model"), ("datasets", "model"),
+    *(("evaluate", target) for target in ("model", "model/config.json", "model/report.json", "model/model.safetensors",
+                                          ".", "data", "data/train/eval.json", "notes.txt/eval.json", "stranger")),
+    *((verb, stem) for verb in ("parity", "bench") for stem in ("model/export", "model/config", "notes.txt/out",
+                                                                 "data/report", "model/sub/report")),
+]
+
+
+@pytest.mark.parametrize("verb, target", HOSTILE_OUTPUTS)
+def test_cli_refuses_hostile_output_paths(cli_scratch: Path, verb: str, target: str) -> None:
+    (cli_scratch / "notes.txt").write_text("keep me")
+    (cli_scratch / "stranger").mkdir(exist_ok=True)
+    (cli_scratch / "stranger" / "thesis.txt").write_text("three years")
+    main, _ = _cli(verb)
+    flag = {"evaluate": "--json", "parity": "--report"}.get(verb, "--out")
+    data = ["--data", str(cli_scratch / "data")]
+    argv = {"finetune": [*data, "--model", "test_efficientnet", "--weights", "none"], "datasets": ["animal-shape"],
+            "export": [str(cli_scratch / "model"), "--int8", "--calib-data", str(cli_scratch / "data")],
+            }.get(verb, [str(cli_scratch / "model"), *data])
+    before = _tree(cli_scratch)
+    code, err = _run_cli(main, [*argv, flag, str(cli_scratch / target)])
+    _assert_refused(code, err, flag)
+    assert _tree(cli_scratch) == before

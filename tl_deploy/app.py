@@ -14,7 +14,6 @@ import functools
 import importlib
 import io
 import ipaddress
-import json
 import logging
 import os
 import subprocess
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tl_deploy.errors import ArtifactError, DataError, TlDeployError
+from tl_deploy.fileio import read_json
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, open_image
 
 _logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def warm_start(model: Path) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"Cannot read {path}: {exc}. Re-create it (export or fine-tune again).") from exc
     if not isinstance(data, dict):

@@ -28,7 +28,7 @@ from torch import nn
 
 from tl_deploy import __version__
 from tl_deploy.errors import ArtifactError
-from tl_deploy.fileio import atomic_dir, atomic_write_json, sha256_bytes, sha256_file
+from tl_deploy.fileio import atomic_dir, atomic_write_json, parse_json, read_json, sha256_bytes, sha256_file
 from tl_deploy.preprocess import PreprocessSpec
 
 _logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def verify_manifest(path: Path) -> str:
         raise ArtifactError(f"{path} has no {MANIFEST_FILE}: not a complete tl_deploy artifact.")
     raw = manifest_path.read_bytes()
     try:
-        files = json.loads(raw)["files"]
+        files = parse_json(raw, manifest_path)["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"Corrupt {manifest_path}: {exc}. Re-run fine-tuning.") from exc
     if not isinstance(files, dict) or not all(
@@ -219,7 +219,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise ArtifactError(f"{path} is not a tl_deploy model artifact: {CONFIG_FILE} is missing.")
     try:
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
     except ValueError as exc:
         raise ArtifactError(f"Corrupt {config_path}: {exc}.") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -276,7 +276,7 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     metrics: dict[str, Any] = {}
     if (path / METRICS_FILE).is_file():
         try:
-            loaded = json.loads((path / METRICS_FILE).read_text())
+            loaded = read_json(path / METRICS_FILE)
         except ValueError as exc:
             raise ArtifactError(f"Corrupt {path / METRICS_FILE}: {exc}.") from exc
         metrics = loaded if isinstance(loaded, dict) else {}

@@ -30,9 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.cli import (
+    COUNT,
+    FRACTION,
+    POSITIVE_INT,
+    OneLineParser,
+    Range,
+    add_verbose,
+    apply_ranges,
+    device_arg,
+    run_cli,
+)
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
-from tl_deploy.fileio import atomic_write_bytes, atomic_write_json
+from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
 from tl_deploy.reports import format_table
 from tl_deploy.runtime.base import Classifier
 from tl_deploy.runtime.catalog import open_backend, parse_backends, resolve_backends
@@ -160,21 +170,23 @@ def _batch_input(images: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:batch])
 
 
-def _e2e_files(model_dir: Path, data: Path | None, split: str, count: int) -> tuple[list[Path], str]:
+def _e2e_files(model_dir: Path, data: Path | None, split: str, count: int,
+               val_split: float | None = None) -> tuple[list[Path], str]:
     """Image files for the end-to-end figure, and a note on where they came from (or why there are none)."""
     from tl_deploy.artifact import read_config
-    from tl_deploy.data import load_splits
+    from tl_deploy.data import load_model_splits
 
     if count == 0:
         return [], "skipped (--e2e-images 0)"
+    training = read_config(model_dir).get("training") or {}
     if data is None:
-        recorded = (read_config(model_dir).get("training") or {}).get("data")
+        recorded = training.get("data") if isinstance(training, dict) else None
         if not recorded:
             return [], "skipped: the artifact records no data folder (pass --data DIR)"
         data = Path(str(recorded))
     if not data.is_dir():
         return [], f"skipped: data folder {data} not found (pass --data DIR)"
-    samples = load_splits(data, verify_images=False).get(split)
+    samples = load_model_splits(data, training, val_split, verify_images=False).get(split)
     if not samples:
         return [], f"skipped: {data} has no {split}/ images"
     files = [path for path, _ in samples[:: max(1, len(samples) // count)][:count]]
@@ -194,7 +206,8 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
               config: BenchConfig = BenchConfig(), threads: int | None = None, device: str = "auto",
-              data: str | Path | None = None, split: str = "test", verify: bool = True) -> BenchReport:
+              data: str | Path | None = None, split: str = "test", val_split: float | None = None,
+              verify: bool = True) -> BenchReport:
     """Time ``backends`` of ``model_dir`` / ``export_dir`` in one interleaved run.
 
     ``verify``: check the artifact's manifest and each export file's sha256 before timing it."""
@@ -237,7 +250,8 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
         raise BackendUnavailableError("No backend can run here: " +
                                       "; ".join(f"{r['backend']}: {r['reason']}" for r in listed))
     spec = next(iter(classifiers.values())).spec
-    files, e2e_note = _e2e_files(model_dir, Path(data) if data is not None else None, split, config.e2e_images)
+    files, e2e_note = _e2e_files(model_dir, Path(data) if data is not None else None, split, config.e2e_images,
+                                 val_split)
     if files:
         images = np.stack([prepare(path, spec) for path in files[:max(config.batches)]])  # (K, 3, H, W)
     else:
@@ -301,12 +315,23 @@ def parse_batches(text: str) -> tuple[int, ...]:
     try:
         batches = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise TlDeployError(f"Invalid --batch {text!r}: give comma-separated positive integers, e.g. 1,8,32.") from None
+        batches = ()
+    if not batches or any(b < 1 for b in batches):
+        raise TlDeployError(f"Invalid --batch {text!r}: give comma-separated positive integers, e.g. 1,8,32.")
     return batches
 
 
+RANGES: dict[str, Range] = {  # allowed values of the numeric options
+    "threads": POSITIVE_INT,
+    "rounds": POSITIVE_INT,
+    "seconds": Range(float, 0.0, 3600.0, low_open=True),
+    "warmup": COUNT,
+    "e2e_images": Range(int, 0, 100_000),
+}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tl_deploy.bench", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m tl_deploy.bench", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", type=Path, help="model artifact folder (PyTorch eager is the baseline)")
     p.add_argument("--export", type=Path, help="export folder (default: export/<run-name>, as tl_deploy.export)")
     p.add_argument("--backends", nargs="+", default=[",".join(DEFAULT_BACKENDS)], metavar="NAME",
@@ -314,7 +339,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "here are listed as skipped)")
     p.add_argument("--batch", default="1,8,32", help="batch sizes (default 1,8,32)")
     p.add_argument("--threads", type=int, help="intra-op threads for every CPU backend (default: usable cores)")
-    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="torch device: auto (CUDA when available), cpu, cuda")
     p.add_argument("--rounds", type=int, default=BenchConfig.rounds, help="interleaved rounds (default 10)")
     p.add_argument("--seconds", type=float, default=BenchConfig.seconds,
                    help="time per backend per round (default 0.3)")
@@ -325,8 +351,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="time files that no longer match their sha256 (artifact manifest, export.json)")
+    p.add_argument("--val-split", type=FRACTION,
+                   help="with no val/: fraction of train/ held out (default: the model's own, from its config)")
     p.add_argument("--out", type=Path, help="report path stem (default: <export>.bench, .json and .png)")
     add_verbose(p)
+    apply_ranges(p, RANGES)
     return p
 
 
@@ -342,15 +371,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         export_dir = args.export or Path("export") / args.model_dir.resolve().name
         if args.data is not None and not args.data.is_dir():
             raise DataError(f"Data folder not found: {args.data}. Pass --data pointing at an ImageFolder tree.")
+        json_path, png_path = report_paths(args.out or export_dir.parent / f"{export_dir.name}.bench")
+        for path, content in ((json_path, "json"), (png_path, "png")):
+            check_report_path(path, "--out", content, inputs={"data": args.data})
         report = run_bench(args.model_dir, export_dir, backends=backends, config=config, threads=args.threads,
-                           device=args.device, data=args.data, split=args.split, verify=args.verify)
+                           device=args.device, data=args.data, split=args.split, val_split=args.val_split,
+                           verify=args.verify)
         print(f"{Path(report.model_dir).name} on {report.device}, {report.threads} thread(s); "
               f"end to end: {report.e2e_note}")
         print(report.table())
         for row in report.backends:
             if row["status"] != "ok":
                 print(f"SKIPPED | {row['backend']} | {row['reason']}")
-        json_path, png_path = report_paths(args.out or export_dir.parent / f"{export_dir.name}.bench")
         atomic_write_json(json_path, report.to_dict())
         atomic_write_bytes(png_path, throughput_png(report))
         print(f"wrote {json_path} and {png_path}")

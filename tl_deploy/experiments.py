@@ -36,11 +36,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.cli import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    OneLineParser,
+    Range,
+    add_verbose,
+    apply_ranges,
+    run_cli,
+    torch_device_arg,
+)
 from tl_deploy.data import Sample, eval_transform, limit_per_class, load_splits, train_transform
 from tl_deploy.errors import TlDeployError
 from tl_deploy.features import cached_features
-from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
+from tl_deploy.fileio import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    default_cache_dir,
+)
 from tl_deploy.finetune import (
     TrainConfig,
     build_network,
@@ -60,6 +78,7 @@ from tl_deploy.reports import format_table
 _logger = logging.getLogger(__name__)
 
 METHODS = ("scratch", "linear", "finetune", "lp-ft", "fusion-linear", "fusion-lp-ft")
+RESULTS_FORMAT = "tl_deploy.transfer-curve"  # marks results.json: a rerun may replace this folder
 PROBE_METHODS = {"linear": "linear", "fusion-linear": "attention-fusion"}
 TRAINED_METHODS = {"scratch": "linear", "finetune": "linear", "lp-ft": "linear", "fusion-lp-ft": "attention-fusion"}
 
@@ -178,6 +197,7 @@ def transfer_curve(cc: CurveConfig) -> dict[str, Any]:
     base = cc.train_config(0, "linear")
     data_dir = resolve_data(base)
     base = replace(base, data=str(data_dir))
+    check_output_folder(cc.out, "transfer curve", inputs={"data": data_dir})
     splits = load_splits(data_dir)
     if not splits.test:
         raise TlDeployError(f"{data_dir} has no test/ split: the transfer curve scores on held-out test images.")
@@ -221,8 +241,8 @@ def transfer_curve(cc: CurveConfig) -> dict[str, Any]:
                 _logger.info("%-13s shots %-4s seed %d: test acc %6.2f%%  (%.1fs)", method, shot, seed, 100 * acc,
                              run["seconds"])
     elapsed = time.perf_counter() - start
-    result = {"config": asdict(cc), "data": str(data_dir), "test_images": len(test), "runs": runs,
-              "summary": summarize_runs(runs, cc.methods, cc.shots), "wall_seconds": round(elapsed, 1)}
+    result = {"format": RESULTS_FORMAT, "config": asdict(cc), "data": str(data_dir), "test_images": len(test),
+              "runs": runs, "summary": summarize_runs(runs, cc.methods, cc.shots), "wall_seconds": round(elapsed, 1)}
     write_outputs(Path(cc.out), result, cc)
     return result
 
@@ -315,11 +335,12 @@ def write_outputs(out: Path, result: dict[str, Any], cc: CurveConfig) -> None:
     note = (f"Test accuracy (%), mean ± std over {cc.seeds} seeds, {result['test_images']} test images, "
             f"{cc.model} at {cc.img_size} px; backbone runs: {cc.steps} steps x {cc.batch_size} images; "
             f"probes: {cc.probe_steps} steps on cached features; wall time {result['wall_seconds']:.0f} s.")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "table.md", f"{table}\n\n{note}\n")
     png = curve_png(result["summary"], cc.methods, cc.shots, f"Transfer curve: {Path(result['data']).name}")
-    atomic_write_bytes(out / "curve.png", png)
+    check_output_folder(out, "transfer curve")
+    with atomic_dir(out) as tmp:  # results, table and plot of one run replace the previous three together
+        atomic_write_json(tmp / "results.json", result)
+        atomic_write_text(tmp / "table.md", f"{table}\n\n{note}\n")
+        atomic_write_bytes(tmp / "curve.png", png)
     print(table)
     print(note)
     rows = [[s["method"], s["shots"], f"{100 * s['mean']:.2f}", f"{100 * s['std']:.2f}"] for s in result["summary"]]
@@ -333,9 +354,24 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+RANGES: dict[str, Range] = {  # allowed values of the numeric options
+    "seeds": POSITIVE_INT,
+    "img_size": Range(int, 8, 4096),
+    "steps": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": POSITIVE,
+    "backbone_lr_mult": NON_NEGATIVE,
+    "scratch_lr": POSITIVE,
+    "probe_steps": POSITIVE_INT,
+    "probe_lr": POSITIVE,
+    "eval_per_class": COUNT,
+    "threads": POSITIVE_INT,
+}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     d = CurveConfig()
-    p = argparse.ArgumentParser(prog="python -m tl_deploy.experiments",
+    p = OneLineParser(prog="python -m tl_deploy.experiments",
                                 description="Transfer-quality experiments.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
@@ -359,11 +395,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-lr", type=float, default=d.probe_lr)
     c.add_argument("--eval-per-class", type=int, default=d.eval_per_class,
                    help="score on this many test images per class (fixed, seed 0); 0: the whole test split")
-    c.add_argument("--device", default=d.device, help="cpu or cuda")
+    c.add_argument("--device", type=torch_device_arg, default=d.device, help="cpu or cuda")
     c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     c.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")
     c.add_argument("--out", default=d.out, help="folder for results.json, table.md and curve.png")
     add_verbose(c)
+    apply_ranges(c, RANGES)
     return p
 
 

@@ -47,7 +47,20 @@ from tqdm import tqdm
 from tl_deploy import distributed
 from tl_deploy.artifact import Architecture, save_artifact
 from tl_deploy.checkpoint import Checkpointer
-from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.cli import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    OneLineParser,
+    Range,
+    add_verbose,
+    apply_ranges,
+    device_arg,
+    run_cli,
+)
 from tl_deploy.da import DA_METHODS, DomainAdapter, cycle, target_test_samples, unlabeled_samples
 from tl_deploy.data import (
     ON_BAD_IMAGE,
@@ -60,9 +73,9 @@ from tl_deploy.data import (
     train_transform,
 )
 from tl_deploy.distributed import SINGLE, DistContext
-from tl_deploy.errors import BackendUnavailableError, ModelError, TlDeployError
+from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, ModelError, TlDeployError
 from tl_deploy.features import cached_features, compute_activations, compute_features
-from tl_deploy.fileio import check_output_writable, default_cache_dir, sha256_file
+from tl_deploy.fileio import check_output_folder, check_output_writable, default_cache_dir, sha256_file
 from tl_deploy.frozen import FROZEN_RUNTIMES, Forward, frozen_forward, resolve_frozen_runtime
 from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS, create_fusion_model
 from tl_deploy.models import (
@@ -99,6 +112,32 @@ DEFAULT_DATA = Path("data/animal-shape")
 # first three blocks frozen: on Animal-Shape this beat training every layer in the same time (README).
 DEFAULT_UNFREEZE: dict[str, int | None] = {"finetune": None, "lp-ft": 4, "partial": 2}
 ACTIVATION_CACHE_MAX_BYTES = 4 << 30  # frozen-prefix outputs kept in memory, at most
+OPTIONAL_NUMBERS = ("val_split", "limit_per_class", "workers", "layer_decay", "patience")  # None: unset
+# Allowed values of every numeric option: the parser's types and TrainConfig.validate both use them.
+RANGES: dict[str, Range] = {
+    "val_split": FRACTION,
+    "limit_per_class": POSITIVE_INT,
+    "workers": COUNT,
+    "img_size": Range(int, 8, 4096),
+    "crop_pct": Range(float, 0.0, 1.0, low_open=True),
+    "drop_rate": Range(float, 0.0, 1.0, high_open=True),
+    "fusion_levels": POSITIVE_INT,
+    "fusion_dim": POSITIVE_INT,
+    "da_weight": NON_NEGATIVE,
+    "epochs": COUNT,
+    "probe_epochs": COUNT,
+    "batch_size": POSITIVE_INT,
+    "lr": POSITIVE,
+    "probe_lr": POSITIVE,
+    "backbone_lr_mult": NON_NEGATIVE,
+    "layer_decay": Range(float, 0.0, 1.0, low_open=True),
+    "warmup_epochs": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "label_smoothing": Range(float, 0.0, 1.0, high_open=True),
+    "patience": POSITIVE_INT,
+    "seed": SEED,
+    "grad_accum_steps": POSITIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -158,6 +197,10 @@ class TrainConfig:
             object.__setattr__(self, "unfreeze", int(self.unfreeze))
 
     def validate(self) -> None:
+        for name, allowed in RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL_NUMBERS:
+                allowed.check(f"--{name.replace('_', '-')}", value)
         self.validate_transfer()
         if self.strategy not in STRATEGIES:
             raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
@@ -403,9 +446,17 @@ def architecture(cfg: TrainConfig, num_classes: int) -> Architecture:
 def resolve_data(cfg: TrainConfig) -> Path:
     if cfg.data is not None:
         return Path(cfg.data)
-    from tl_deploy.datasets import prepare_animal_shape
+    from tl_deploy.datasets import prepare_animal_shape, split_differences
 
-    return prepare_animal_shape(DEFAULT_DATA)
+    # The default run trains on the default split; a tree the user made with other options is theirs.
+    differences = split_differences(DEFAULT_DATA, "animal-shape", seed=0, val_fraction=0.1, test_fraction=0.2)
+    if differences:
+        raise DataError(
+            f"{DEFAULT_DATA} was built with other options ({'; '.join(differences)}), so it is not the "
+            f"default data and rebuilding it would replace it: pass --data {DEFAULT_DATA} to train on it, "
+            "or move it away to let the default run rebuild the default split."
+        )
+    return prepare_animal_shape(DEFAULT_DATA, seed=0, val_fraction=0.1, test_fraction=0.2)
 
 
 class ActivationDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
@@ -692,6 +743,34 @@ def _log_epoch(row: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- orchestration
 
+def check_output(cfg: TrainConfig, out: Path, data_dir: Path) -> None:
+    """Before any work: ``out`` follows the output rule (new, empty or an earlier artifact, never an
+    input of this run) and has room for the artifact."""
+    weights = None if cfg.weights in ("embedded", "hub", "none") else cfg.weights
+    check_output_folder(out, "model artifact", inputs={
+        "training data": data_dir, "target-domain images": cfg.target_unlabeled, "starting weights": weights})
+    check_output_writable(out)
+
+
+def checkpoint_mismatch(exc: BaseException, what: str, where: Path | None = None) -> ArtifactError:
+    """One line for a checkpoint whose contents do not fit the model being resumed."""
+    first = " ".join(str(exc).split())[:300] or type(exc).__name__
+    todo = f"Delete {where} and drop" if where is not None else "Drop"
+    return ArtifactError(f"The checkpoint's {what} does not fit this run ({first}). {todo} --resume to start over.")
+
+
+def restore_checkpoint(model: nn.Module, loaded: dict[str, Any], where: Path) -> RunState:
+    """Weights and progress from a checkpoint; one clear error when they do not fit ``model``."""
+    try:
+        model.load_state_dict(loaded["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # unexpected/missing keys, shapes
+        raise checkpoint_mismatch(exc, "model state", where) from exc
+    try:
+        return RunState(**loaded["run_state"])
+    except (KeyError, TypeError) as exc:
+        raise checkpoint_mismatch(exc, "run state", where) from exc
+
+
 def run_name(cfg: TrainConfig, data_dir: Path) -> str:
     if cfg.name:
         return cfg.name
@@ -717,7 +796,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
     with distributed.local_main_first(dist):  # one process per node prepares the embedded data
         data_dir = resolve_data(cfg)
     out = Path(cfg.out) if cfg.out else Path("models") / run_name(cfg, data_dir)
-    distributed.run_on_main(lambda: check_output_writable(out), dist)
+    distributed.run_on_main(lambda: check_output(cfg, out, data_dir), dist)
 
     splits: Splits = load_splits(data_dir, cfg.val_split, cfg.seed, on_bad_image=cfg.on_bad_image)
     train_samples = splits.train
@@ -742,8 +821,7 @@ def _fit(cfg: TrainConfig, dist: DistContext) -> Path:
         if loaded is None:
             _logger.info("no checkpoint for %s yet: starting from the beginning", out)
         else:
-            model.load_state_dict(loaded["model"])
-            state = RunState(**loaded["run_state"])
+            state = restore_checkpoint(model, loaded, ckpt.dir)
             _logger.info("resumed %s: phase %s, %d epochs done", out, state.phase, state.epoch)
 
     split = activation_split(model, cfg, spec, device, len(train_samples) + len(splits.val))
@@ -925,8 +1003,11 @@ def run_finetune(model: nn.Module, cfg: TrainConfig, splits: Splits, train_sampl
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     best_state: dict[str, torch.Tensor] | None = None
     if resumed_from is not None and state.phase == "finetune" and state.epoch > 0:
-        optimizer.load_state_dict(resumed_from["optimizer"])
-        scheduler.load_state_dict(resumed_from["scheduler"])
+        try:
+            optimizer.load_state_dict(resumed_from["optimizer"])
+            scheduler.load_state_dict(resumed_from["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise checkpoint_mismatch(exc, "optimizer state") from exc
         best_state = resumed_from.get("best")
     transform = train_transform(spec, cfg.augment)
     start_epoch = state.epoch if state.phase == "finetune" else 0
@@ -998,7 +1079,7 @@ def _fingerprint(cfg: TrainConfig, splits: Splits) -> dict[str, Any]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m tl_deploy.finetune",
         description="Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
                     "With no --data, runs the embedded default (Animal-Shape).",
@@ -1056,7 +1137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     g = p.add_argument_group("run")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="mixed precision")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=device_arg, default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")
@@ -1073,6 +1154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", help="with --bn train: BatchNorm statistics over all "
                                                           "processes (SyncBatchNorm, CUDA only)")
     add_verbose(p)
+    apply_ranges(p, RANGES)
     return p
 
 

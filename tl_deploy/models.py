@@ -89,8 +89,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
-            f"Refusing to load {path}: not a plain tensor checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Convert it to safetensors."
+            f"Refusing to load {path}: not a plain tensor checkpoint ({type(exc).__name__}"
+            f"{': ' + str(exc).splitlines()[0][:200] if str(exc).strip() else ''}"
+            f"{', the file is empty' if path.stat().st_size == 0 else ''}). Convert it to safetensors."
         ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

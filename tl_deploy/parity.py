@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from tl_deploy.cli import add_verbose, run_cli
+from tl_deploy.cli import FRACTION, POSITIVE_INT, OneLineParser, add_verbose, run_cli, torch_device_arg
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.export.metadata import OnnxMetadata
-from tl_deploy.fileio import atomic_write_json, atomic_write_text
+from tl_deploy.fileio import atomic_write_json, atomic_write_text, check_report_path
 from tl_deploy.preprocess import PreprocessSpec, prepare
 from tl_deploy.reports import format_table
 from tl_deploy.runtime.base import softmax
@@ -286,11 +286,14 @@ def read_export_manifest(export_dir: Path, model_dir: Path) -> dict[str, Any]:
     return read_checked(export_dir)
 
 
-def load_samples(data: Path, split: str, class_names: Sequence[str], limit: int | None) -> list[tuple[Path, int]]:
-    """(path, model's class index) of one split; ``limit``: an evenly spaced subset."""
-    from tl_deploy.data import load_splits
+def load_samples(data: Path, split: str, class_names: Sequence[str], limit: int | None,
+                 training: Any = None, val_split: float | None = None) -> list[tuple[Path, int]]:
+    """(path, model's class index) of one split; ``limit``: an evenly spaced subset. ``training`` (the
+    artifact's recorded config) and ``val_split`` rebuild a ``--val-split`` run's held-out images."""
+    from tl_deploy.data import load_model_splits
 
-    splits = load_splits(data, verify_images=False)  # a bad image fails when it is read, by name
+    # A bad image fails when it is read, by name.
+    splits = load_model_splits(data, training, val_split, verify_images=False)
     samples = splits.get(split)
     if not samples:
         raise DataError(f"{data} has no {split}/ images. Choose --split train, val or test, or another --data.")
@@ -319,7 +322,8 @@ def preprocess_all(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
 def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Path | None = None,
                split: str = "test", backends: Sequence[str] = tuple(EXPORT_BACKENDS),
                tolerance: Mapping[str, Tolerance] = DEFAULT_TOLERANCES, limit: int | None = None,
-               device: str = "cpu", threads: int | None = None, verify: bool = True) -> ParityReport:
+               device: str = "cpu", threads: int | None = None, val_split: float | None = None,
+               verify: bool = True) -> ParityReport:
     """Compare each of ``backends`` with the artifact's PyTorch model on ``split`` of ``data``.
 
     ``verify``: check the artifact's manifest and each export file's sha256 (``False``: compare
@@ -347,7 +351,7 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
     start = time.perf_counter()
     reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device,
                                  verify=verify)
-    samples = load_samples(data, split, reference_clf.class_names, limit)
+    samples = load_samples(data, split, reference_clf.class_names, limit, config.get("training"), val_split)
     paths = [path for path, _ in samples]
     labels = np.array([label for _, label in samples])  # (N,)
     names = [str(p) for p in paths]
@@ -407,7 +411,8 @@ def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, ref
 
 def report_paths(export_dir: Path, split: str) -> tuple[Path, Path]:
     """``export/<run>.parity-<split>.json`` and ``.md``: next to the export folder, not inside it."""
-    stem = export_dir.parent / f"{export_dir.name}.parity-{split}"
+    folder = export_dir if export_dir.name not in ("", ".", "..") else export_dir.resolve()
+    stem = folder.parent / f"{folder.name}.parity-{split}"
     return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
 
 
@@ -419,11 +424,13 @@ def write_report(report: ParityReport, json_path: Path, md_path: Path) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     from tl_deploy.runtime.catalog import BACKEND_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m tl_deploy.parity", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m tl_deploy.parity", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", type=Path, help="model artifact folder (the PyTorch reference)")
     p.add_argument("--export", type=Path, help="export folder (default: export/<run-name>, as tl_deploy.export)")
     p.add_argument("--data", type=Path, help="ImageFolder root (default: the data the model was trained on)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--val-split", type=FRACTION,
+                   help="with no val/: fraction of train/ held out (default: the model's own, from its config)")
     p.add_argument("--backends", nargs="+", default=[",".join(EXPORT_BACKENDS)], metavar="NAME",
                    help=f"backends to compare with torch, space or comma separated (default: all of "
                         f"{', '.join(n for n in BACKEND_NAMES if n in EXPORT_BACKENDS)}; absent ones are skipped)")
@@ -433,9 +440,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="accuracy points a backend may lose (default fp32=0, fp16=0.3, int8=1.0)")
     p.add_argument("--min-agreement", action="append", metavar="[PRECISION=]PCT",
                    help="top-1 agreement with torch in percent (default fp32=100, fp16=99.5, int8=98)")
-    p.add_argument("--limit", type=int, help="compare on this many images of the split (evenly spaced)")
-    p.add_argument("--device", default="cpu", help="device of the PyTorch reference (default cpu: exact FP32)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--limit", type=POSITIVE_INT, help="compare on this many images of the split (evenly spaced)")
+    p.add_argument("--device", type=torch_device_arg, default="cpu",
+                   help="device of the PyTorch reference (default cpu: exact FP32)")
+    p.add_argument("--threads", type=POSITIVE_INT, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--report", type=Path, help="report path stem (default: <export>.parity-<split>, .json and .md)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="compare files that no longer match their sha256 (artifact manifest, export.json)")
@@ -450,16 +458,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          min_agreement=parse_overrides(args.min_agreement, "--min-agreement", low=0.0, high=100.0))
         backends = parse_backends(args.backends)
         export_dir = args.export or Path("export") / args.model_dir.resolve().name
+        json_path, md_path = report_paths(export_dir, args.split)
+        if args.report is not None:
+            json_path, md_path = (args.report.parent / f"{args.report.name}.{ext}" for ext in ("json", "md"))
+        for path, content in ((json_path, "json"), (md_path, "md")):
+            check_report_path(path, "--report", content, inputs={"data": args.data})
         report = run_parity(args.model_dir, export_dir, data=args.data, split=args.split, backends=backends,
                             tolerance=tol, limit=args.limit, device=args.device, threads=args.threads,
-                            verify=args.verify)
+                            val_split=args.val_split, verify=args.verify)
         print(report.table())
         print()
         for result in report.results:
             print(result.line())
-        json_path, md_path = report_paths(export_dir, args.split)
-        if args.report is not None:
-            json_path, md_path = (args.report.parent / f"{args.report.name}.{ext}" for ext in ("json", "md"))
         write_report(report, json_path, md_path)
         print(f"wrote {json_path} and {md_path}")
         if not report.compared:

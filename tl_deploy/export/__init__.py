@@ -40,7 +40,7 @@ from tl_deploy.export.tensorrt import (
     require_tensorrt,
     set_device,
 )
-from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_writable, sha256_file
+from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_folder, check_output_writable, sha256_file
 
 __all__ = [
     "ExportOptions", "ExportRow", "OnnxMetadata", "export_artifact", "onnx_to_engine", "onnx_to_fp16_onnx",
@@ -280,8 +280,9 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         require_tensorrt()
         set_device(options.device)
     config = read_config(model_dir)
-    check_output_writable(out)
     calib_dir = resolve_calibration_dir(model_dir, config, options.calib_data) if options.int8 else None
+    check_output_folder(out, "export", inputs={"model artifact": model_dir, "calibration data": calib_dir})
+    check_output_writable(out)
     check_dir = calib_dir
     if check_dir is None and (options.fp16 or options.trt):
         try:  # the FP16 and engine checks use real images when the artifact names its data

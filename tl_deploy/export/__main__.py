@@ -7,17 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
-
-from tl_deploy.cli import StderrHandler
+from tl_deploy.cli import COUNT, POSITIVE, POSITIVE_INT, SEED, OneLineParser, Range, StderrHandler
 from tl_deploy.errors import TlDeployError
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2), like every other CLI error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see python -m tl_deploy.export --help)\n")
 
 
 def _quiet_onnxruntime_quantizer(record: logging.LogRecord) -> bool:
@@ -32,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     from tl_deploy.export.quantize import DEFAULT_CALIB_SAMPLES, METHODS
     from tl_deploy.export.tensorrt import DEFAULT_PROFILE, DEFAULT_WORKSPACE_GB
 
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m tl_deploy.export",
         description="Export a fine-tuned model artifact to ONNX FP32 (always), FP16 and INT8 ONNX, and TensorRT.",
     )
@@ -46,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true",
                    help="model.fp16.onnx (float16 compute, float32 I/O); with --trt an FP16 engine from it")
     g = p.add_argument_group("ONNX")
-    g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    g.add_argument("--opset", type=Range(int, 13, 23), default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     g.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                    help="torch.onnx exporter (default torchscript: faster here, honours opset 17)")
     g.add_argument("--bake-preprocess", action="store_true",
@@ -57,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("INT8")
     g.add_argument("--calib-data", type=Path, default=None,
                    help="calibration images: ImageFolder root or image folder (default: the training data)")
-    g.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+    g.add_argument("--calib-samples", type=POSITIVE_INT, default=DEFAULT_CALIB_SAMPLES,
                    help=f"at most this many calibration images (default {DEFAULT_CALIB_SAMPLES})")
     g.add_argument("--calib-method", choices=METHODS, default="minmax",
                    help="calibration method (default minmax: measured as accurate as the others, faster)")
@@ -65,13 +56,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="skip model.int8.cpu.onnx (the onnxruntime-CPU-tuned INT8 file)")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--batch", default=DEFAULT_PROFILE, help=f"batch profile MIN:OPT:MAX (default {DEFAULT_PROFILE})")
-    g.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB,
+    g.add_argument("--workspace-gb", type=POSITIVE, default=DEFAULT_WORKSPACE_GB,
                    help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
     g.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file reused across builds (default: <out>/../trt_timing.cache)")
-    g.add_argument("--device", type=int, default=0, help="CUDA device index to build and check on (default 0)")
+    g.add_argument("--device", type=COUNT, default=0, help="CUDA device index to build and check on (default 0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
-    p.add_argument("--seed", type=int, default=0, help="calibration image pick")
+    p.add_argument("--seed", type=SEED, default=0, help="calibration image pick")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging; show tracebacks")
     return p
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tl_deploy import __version__
 from tl_deploy.errors import ArtifactError, DataError
+from tl_deploy.fileio import parse_json
 from tl_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class OnnxMetadata:
                 data[name] = raw
                 continue
             try:
-                data[name] = json.loads(raw)
+                data[name] = parse_json(raw, f"metadata {key!r} of {origin}")
             except ValueError as exc:
                 raise ArtifactError(f"Corrupt metadata {key!r} in {origin}: {exc}.") from exc
         return cls.from_dict(data, origin)

@@ -26,7 +26,7 @@ from typing import Any
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, ExportError
 from tl_deploy.export.metadata import FLOAT_NCHW, OnnxMetadata
-from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 _logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
             "Rebuild it with python -m tl_deploy.export MODEL_DIR --trt."
         )
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except ValueError as exc:
         raise ArtifactError(f"Corrupt engine sidecar {path}: {exc}. Rebuild the engine.") from exc
     if not isinstance(data, dict):

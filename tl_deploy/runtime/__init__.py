@@ -7,7 +7,6 @@ path never imports torch: edge code needs only ``numpy pillow onnxruntime``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployError
 from tl_deploy.export.metadata import FLOAT_NCHW
+from tl_deploy.fileio import read_json
 from tl_deploy.runtime.base import Classifier, Prediction, Runner, softmax
 
 __all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "export_file", "load",
@@ -108,7 +108,7 @@ def read_export_manifest(folder: Path) -> dict[str, Any]:
     """An export folder's ``export.json``, checked: every entry names a plain file inside the folder."""
     path = folder / EXPORT_MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except ValueError as exc:
         raise ArtifactError(f"Corrupt {path}: {exc}. Re-run the export.") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
