@@ -128,6 +128,39 @@ def test_8_threads_x_200_predictions_equal_the_serial_results(which: str, tiny_a
     assert sum(done) == THREADS * PER_THREAD and not mismatches, mismatches[:10]
 
 
+def test_torch_forward_passes_all_run_on_one_thread(tiny_artifact: Path, test_images: list[Path]) -> None:
+    """Callers on 4 threads: the model always runs on the runner's one inference thread, never a caller's.
+
+    Each thread that runs the model allocates from its own glibc malloc arena, and each arena keeps
+    its peak: with a shared classifier, resident memory grew under sustained load (bench/soak.py).
+    """
+    clf = load(tiny_artifact)
+    callers: set[int] = set()
+    forward_threads: list[int] = []
+    clf.runner.model.register_forward_hook(lambda *_: forward_threads.append(threading.get_ident()))
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        callers.add(threading.get_ident())
+        barrier.wait()
+        try:
+            for path in test_images[:5]:
+                clf.predict([path, path], top_k=1)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    clf.close()
+    assert not errors, errors[:3]
+    assert len(forward_threads) == 4 * 5
+    assert len(set(forward_threads)) == 1 and not set(forward_threads) & (callers | {threading.get_ident()})
+
+
 def test_onnxruntime_path_does_not_import_torch(export_dir: Path, test_images) -> None:
     code = (
         "import sys\n"
