@@ -249,8 +249,9 @@ def run_phase(target: dict[str, Any], data: Path, seconds: float, warmup: float,
             samples[n] = (now, rss_mib(), *malloc_mib())
             n += 1
     soak.stop.set()
+    deadline = time.perf_counter() + 60  # requests in flight finish; a stuck one does not hold the run
     for w in workers:
-        w.join(timeout=60)
+        w.join(timeout=max(0.0, deadline - time.perf_counter()))
     wall = time.perf_counter() - t0
     samples = samples[:n]
     after = samples[samples[:, 0] >= warmup]
