@@ -128,6 +128,39 @@ def test_8_threads_x_200_predictions_equal_the_serial_results(which: str, tiny_a
     assert sum(done) == THREADS * PER_THREAD and not mismatches, mismatches[:10]
 
 
+def test_torch_forward_passes_all_run_on_one_thread(tiny_artifact: Path, test_images: list[Path]) -> None:
+    """Callers on 4 threads: the model always runs on the runner's one inference thread, never a caller's.
+
+    Each thread that runs the model allocates from its own glibc malloc arena, and each arena keeps
+    its peak: with a shared classifier, resident memory grew under sustained load (bench/soak.py).
+    """
+    clf = load(tiny_artifact)
+    callers: set[int] = set()
+    forward_threads: list[int] = []
+    clf.runner.model.register_forward_hook(lambda *_: forward_threads.append(threading.get_ident()))
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        callers.add(threading.get_ident())
+        barrier.wait()
+        try:
+            for path in test_images[:5]:
+                clf.predict([path, path], top_k=1)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    clf.close()
+    assert not errors, errors[:3]
+    assert len(forward_threads) == 4 * 5
+    assert len(set(forward_threads)) == 1 and not set(forward_threads) & (callers | {threading.get_ident()})
+
+
 def test_onnxruntime_path_does_not_import_torch(export_dir: Path, test_images) -> None:
     code = (
         "import sys\n"
@@ -216,3 +249,41 @@ def test_choose_export_file_refusals() -> None:
         choose_export_file(FILES, backend="onnxruntime", precision="fp16", tensorrt_ok=False, ort_gpu=False)
     with pytest.raises(TlDeployError, match="Invalid precision 'int4'"):
         choose_export_file(FILES, backend="auto", precision="int4", tensorrt_ok=False, ort_gpu=False)
+
+
+MALLOC_PROBE = """
+import ctypes, sys, threading
+import numpy as np
+from tl_deploy.runtime import load
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+load(sys.argv[1])
+def work():
+    for _ in range(3):  # a decoded photo's worth of memory, made and freed
+        block = np.ones(12 * 2**20, dtype=np.uint8)
+        del block
+before = mallinfo2().arena
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print((mallinfo2().arena - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
+                    reason="glibc malloc only")
+def test_large_blocks_freed_by_many_threads_are_returned_to_the_system(tiny_artifact: Path) -> None:
+    """After ``load``, 12 MiB blocks freed on 4 threads leave no memory behind in the threads' malloc arenas.
+
+    By default glibc raises its mmap threshold to each large block freed, so the next ones come
+    from the thread's arena, which keeps them: 4 threads held ~12 MiB each for good.
+    """
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, str(tiny_artifact)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    held_mib = float(out.stdout.strip().splitlines()[-1])
+    assert held_mib < 4, f"{held_mib:.1f} MiB of freed blocks kept in malloc arenas"

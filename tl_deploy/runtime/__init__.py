@@ -7,8 +7,11 @@ path never imports torch: edge code needs only ``numpy pillow onnxruntime``.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,31 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 EXPORT_MANIFEST = "export.json"
 ARTIFACT_CONFIG = "config.json"
+
+
+# glibc's mallopt parameter and the size from which blocks are always mmapped (returned on free).
+_M_MMAP_THRESHOLD = -3
+LARGE_BLOCK_BYTES = 8 * 2**20
+
+
+@functools.cache  # once per process
+def fix_mmap_threshold() -> bool:
+    """Make glibc malloc return every block of 8 MiB or more to the system when it is freed.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32
+    MiB), so later decoded photos (Pillow's 16 MiB blocks) and large activations are carved from
+    the arena of the thread that made them, and each thread's arena keeps its peak: under a
+    sustained multi-threaded load resident memory rose for minutes (bench/soak.py). A fixed
+    threshold turns that adjustment off. Skipped off glibc, and when ``MALLOC_MMAP_THRESHOLD_`` is
+    set (the user's choice wins). Returns whether it was applied.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
 
 
 def tensorrt_available() -> bool:
@@ -176,6 +204,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
+    fix_mmap_threshold()
     path = Path(path)
     if path.is_file():
         if verify:

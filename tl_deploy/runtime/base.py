@@ -6,9 +6,9 @@ A ``Classifier`` owns a runner plus the model's metadata and does the artifact's
 
 Thread safety: ``Classifier.predict``/``infer`` may be called from several threads when
 ``runner.thread_safe`` is true (onnxruntime: ``InferenceSession.run`` is thread-safe; torch: eval
-mode under ``inference_mode``, no state is mutated). The TensorRT runner owns one execution context
-and CUDA buffers, so it serialises calls with a lock (correct, not parallel): create one classifier
-per thread to run engines concurrently.
+mode under ``inference_mode``, every forward pass on the runner's one inference thread). The
+TensorRT runner owns one execution context and CUDA buffers, so it serialises calls with a lock
+(correct, not parallel): create one classifier per thread to run engines concurrently.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ _logger = logging.getLogger(__name__)
 
 
 class TorchRunner(Runner):
-    """Eager PyTorch. Thread-safe: eval mode, no grad, nothing mutated per call."""
+    """Eager PyTorch, run on one inference thread the runner owns; thread-safe (callers queue).
+
+    Every forward pass runs on the same thread, so all of its tensors come from one malloc arena:
+    glibc gives each calling thread its own arena, and when several threads ran the model, each
+    arena grew to its own peak and held it (resident memory rose for minutes under a sustained
+    mixed load, bench/soak.py). Callers still preprocess in parallel; on a CPU one forward pass
+    already uses every core through PyTorch's intra-op threads.
+    """
 
     backend_name = "torch"
     precision = "fp32"
@@ -33,12 +41,19 @@ class TorchRunner(Runner):
         self._torch = torch
         self.model = model.to(device).eval()  # type: ignore[attr-defined]
         self.device = device
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tl_deploy-torch")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)  # (N, 3, H, W)
             return self.model(x).float().cpu().numpy()  # type: ignore[no-any-return]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._executor.submit(self._forward, batch).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 class TorchCudaGraphRunner(Runner):
