@@ -92,7 +92,8 @@ def test_diverged_training_ends_with_one_line_and_writes_nothing(strategy: str, 
     out = tmp_path / "run"
     rc = main(["--data", str(tiny_data), "--model", TINY_MODEL, "--weights", "none", "--img-size", str(TINY_SIZE),
                "--strategy", strategy, "--epochs", "1", "--probe-epochs", "1", "--batch-size", "16",
-               "--no-augment", "--no-cache", "--workers", "0", "--weight-decay", "inf", "--out", str(out)])
+               "--no-augment", "--no-cache", "--workers", "0", "--lr", "1e30", "--probe-lr", "1e30",
+               "--out", str(out)])  # a finite learning rate that overflows the weights
     assert rc != 0
     _one_error_line(capsys.readouterr().err, "hold NaN or infinity")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no artifact, no checkpoint, no temp folder
