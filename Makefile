@@ -24,7 +24,7 @@ RUN := animal-shape-efficientnet_lite0-lp-ft
 
 demo: data
 	$(PY) -m tl_deploy.finetune
-	$(PY) -m tl_deploy.export models/$(RUN) --int8
+	$(PY) -m tl_deploy.export models/$(RUN) --int8 --fp16
 	$(PY) -m tl_deploy.parity models/$(RUN)
 
 lint: $(STAMP)
