@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_deploy.errors import BackendUnavailableError, ExportError
-from tl_deploy.export.metadata import FLOAT_NCHW, OnnxMetadata, embed_metadata
+from tl_deploy.export.metadata import OnnxMetadata, embed_metadata, load_float32_source
 from tl_deploy.fileio import atomic_path
 
 _logger = logging.getLogger(__name__)
@@ -76,13 +76,7 @@ def onnx_to_fp16_onnx(onnx_path: str | os.PathLike[str], out_path: str | os.Path
     float16 = import_float16()
     start = time.perf_counter()
     source = Path(onnx_path)
-    if not source.is_file():
-        raise ExportError(f"ONNX file not found: {source}. Export the FP32 model first.")
-    model = onnx.load(str(source))
-    metadata = OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, origin=str(source))
-    if metadata.input_layout != FLOAT_NCHW or metadata.precision != "fp32":
-        raise ExportError(f"{source} is a {metadata.precision} {metadata.input_layout} graph: convert the float32 "
-                          "model.onnx (without --bake-preprocess) to FP16.")
+    model, metadata = load_float32_source(source, "convert to FP16")
     with warnings.catch_warnings():
         # One UserWarning per clamped initializer value: counted in the log below, not printed each.
         warnings.simplefilter("ignore", UserWarning)

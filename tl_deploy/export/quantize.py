@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import DataError, ExportError
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, embed_metadata
+from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, embed_metadata, load_float32_source
 from tl_deploy.fileio import atomic_path
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare, prepare_uint8
 
@@ -202,15 +202,7 @@ def onnx_to_int8_onnx(
 
     start = time.perf_counter()
     source = Path(onnx_path)
-    if not source.is_file():
-        raise ExportError(f"ONNX file not found: {source}. Export the FP32 model first.")
-    model = onnx.load(str(source))
-    metadata = OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, origin=str(source))
-    if metadata.input_layout != FLOAT_NCHW or metadata.precision != "fp32":
-        raise ExportError(
-            f"{source} is a {metadata.precision} {metadata.input_layout} graph: quantize the float32 "
-            "model.onnx (without --bake-preprocess)."
-        )
+    model, metadata = load_float32_source(source, "quantize")
     input_name = model.graph.input[0].name
     known = {n.name for n in model.graph.node}
     unknown = sorted(set(config.nodes_to_exclude) - known)
