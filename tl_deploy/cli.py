@@ -1,27 +1,148 @@
-"""Shared CLI plumbing: one clear error line, non-zero exit, a traceback only with --verbose."""
+"""Shared CLI plumbing for every ``tl-deploy`` verb.
+
+One clear error line, a traceback only with ``--verbose``, and one exit-code convention:
+
+====  ==========================================================================================
+code  meaning
+====  ==========================================================================================
+0     done (and, for parity and bench checks, every check passed)
+1     the run failed: bad data, a broken artifact, a failed conversion, or a check that FAILED
+2     it cannot run as asked: a usage error (unknown flag, a value out of range, a combination of
+      options that does nothing) or a runtime/device that is not here (TensorRT, CUDA, an extra)
+130   interrupted (Ctrl-C); nothing half-written is kept
+====  ==========================================================================================
+
+One flag name per idea: ``--device`` (auto, cpu, cuda, cuda:N), ``--threads`` (CPU intra-op threads),
+``--report`` (where a report file goes), ``--out`` (an output folder), ``--limit`` (at most N images
+of a split), ``--seed``, ``--verbose``/``-v``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
-from tl_deploy.errors import TlDeployError
+from tl_deploy.errors import TlDeployError, UsageError
 from tl_deploy.fileio import WRITE_ERRNOS, describe_write_error
 
 _logger = logging.getLogger("tl_deploy")
 
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CANNOT_RUN = 2
+EXIT_INTERRUPTED = 130
+
+
+def old_names(action: argparse.Action, *flags: str) -> argparse.Action:
+    """Mark some of ``action``'s option strings as earlier names of the option: they keep working,
+    are left out of ``--help``, and using one logs the current name."""
+    unknown = [f for f in flags if f not in action.option_strings]
+    if unknown:
+        raise ValueError(f"{unknown} are not option strings of {action.option_strings}")
+    action.old_names = tuple(flags)  # type: ignore[attr-defined]
+    return action
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """States each default once: appends ``(default: X)`` only where the help text does not already
+    say it, and never for a switch that is off by default or a ``--no-...`` flag. Earlier names of an
+    option (``old_names``) are not shown."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        hidden = getattr(action, "old_names", ())
+        if not hidden:
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [f for f in action.option_strings if f not in hidden]
+        return super()._format_action_invocation(shown)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS, [], ()):
+            return text
+        if isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})".strip()
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one ``error:`` line (exit code 2), like every other CLI error."""
+    """argparse, but a usage error is one ``error:`` line (exit code 2), like every other CLI error.
+
+    ``parse_args`` also records which options the command line named (``given(args)``), so a verb
+    can refuse an option that does nothing in the combination asked for. Abbreviated long options
+    are not accepted: ``--epoch`` for ``--epochs`` would make that record unreliable.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_CANNOT_RUN, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        tokens = list(sys.argv[1:] if args is None else args)
+        parsed = super().parse_args(tokens, namespace)
+        parsed._given = self._named_dests(tokens)
+        self._note_old_names(tokens)
+        return parsed
+
+    def _note_old_names(self, tokens: Sequence[str]) -> None:
+        for action in self._actions:
+            for old in getattr(action, "old_names", ()):
+                if any(t == old or t.startswith(old + "=") for t in tokens):
+                    current = next(f for f in action.option_strings if f not in action.old_names)  # type: ignore[attr-defined]
+                    _logger.warning("%s is now called %s (the old name still works)", old, current)
+
+    def _named_dests(self, tokens: Sequence[str]) -> frozenset[str]:
+        by_flag = {flag: action.dest for action in self._actions for flag in action.option_strings}
+        named = set()
+        for token in tokens:
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-":
+                continue
+            flag = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            if flag in by_flag:
+                named.add(by_flag[flag])
+        return frozenset(named)
+
+
+def given(args: argparse.Namespace) -> frozenset[str]:
+    """The ``dest`` of every option the command line named (empty for a namespace built by hand)."""
+    return frozenset(getattr(args, "_given", frozenset()))
+
+
+def refuse_unused(args: argparse.Namespace, dests: Sequence[str], why: str) -> None:
+    """Refuse options that the chosen combination ignores: a user's option never silently does nothing.
+
+    ``why`` finishes the sentence "... does nothing ...", e.g. "with --strategy linear (the backbone
+    stays frozen): drop it or choose --strategy finetune, lp-ft or partial".
+    """
+    named = [d for d in dests if d in given(args)]
+    if named:
+        flags = ", ".join("--" + d.replace("_", "-") for d in named)
+        raise UsageError(f"{flags} {'does' if len(named) == 1 else 'do'} nothing {why}.")
+
+
+def new_parser(verb: str, description: str) -> OneLineParser:
+    """The parser of one verb: ``tl-deploy VERB`` (also ``python -m tl_deploy.VERB``)."""
+    return OneLineParser(prog=f"tl-deploy {verb}", description=description)
 
 
 @dataclass(frozen=True)
@@ -110,6 +231,26 @@ NON_NEGATIVE = Range(float, 0.0)
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
+
+
+def add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, default: str = "auto",
+               help: str = "auto (CUDA when present), cpu, cuda or cuda:N") -> None:
+    parser.add_argument("--device", type=device_arg, default=default, help=help)
+
+
+def add_threads(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                help: str = "CPU intra-op threads of torch and onnxruntime (default: their own choice)") -> None:
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N", help=help)
+
+
+def add_report(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    """``--report PATH``: where the verb's report goes (``help`` says the default and the files)."""
+    parser.add_argument("--report", type=Path, default=None, metavar="PATH", help=help)
+
+
+def add_limit(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+              help: str = "use at most N images of the split, evenly spaced (default: all)") -> None:
+    parser.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N", help=help)
 
 
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -34,3 +34,9 @@ class BackendUnavailableError(TlDeployError):
     """An optional runtime (TensorRT, CUDA, onnxruntime-gpu) is not installed or has no device."""
 
     exit_code = 2
+
+
+class UsageError(TlDeployError):
+    """Options that cannot work together, or one that does nothing in the combination asked for."""
+
+    exit_code = 2
