@@ -1,7 +1,7 @@
 """Time a training step of the default job's trained layers in fp32 and under bf16 autocast on this CPU,
 and print what ``--amp auto`` picks here.
 
-The step is the one ``--amp auto`` measures before fine-tuning (``tl_deploy.finetune.time_train_step``):
+The step is the one ``--amp auto`` measures before fine-tuning (``tl_deploy.train.amp.time_train_step``):
 forward + backward of the layers after the frozen stages, on one micro-batch of their cached inputs.
 Rounds alternate fp32 and bf16, so machine load hits both alike.
 
@@ -16,8 +16,8 @@ import statistics
 
 import torch
 
-from tl_deploy.finetune import BF16_MIN_SPEEDUP, cpu_has_native_bf16, measure_amp, resolve_amp, time_train_step
-from tl_deploy.models import backbone_stages, create_model, set_trainable, split_after_stages
+from tl_deploy.backbones import backbone_stages, create_model, cut_after_stages, set_trainable
+from tl_deploy.train.amp import BF16_MIN_SPEEDUP, cpu_has_native_bf16, measure_amp, resolve_amp, time_train_step
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 10  # Animal-Shape
@@ -38,7 +38,7 @@ def main() -> None:
     model = create_model(args.model, num_classes=NUM_CLASSES, weights="embedded", drop_rate=0.2)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     set_trainable(model, args.unfreeze)
-    split = split_after_stages(model, len(backbone_stages(model)) - args.unfreeze)
+    split = cut_after_stages(model, len(backbone_stages(model)) - args.unfreeze)
     if split is None:
         raise SystemExit(f"error: {args.model} cannot be cut after its frozen stages; use another --unfreeze.")
     prefix, suffix = split
@@ -49,8 +49,8 @@ def main() -> None:
     y = torch.arange(args.batch_size) % NUM_CLASSES  # (B,)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(args.rounds):
-        times["fp32"].append(time_train_step(suffix, x, y, CPU, None, freeze_bn=True))
-        times["bf16"].append(time_train_step(suffix, x, y, CPU, torch.bfloat16, freeze_bn=True))
+        times["fp32"].append(time_train_step(suffix, x, y, CPU, None, bn_eval=True))
+        times["bf16"].append(time_train_step(suffix, x, y, CPU, torch.bfloat16, bn_eval=True))
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     print(f"{args.model} {args.img_size} px, last {args.unfreeze} stages train, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}")

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from tl_deploy.cli import setup_logging
-from tl_deploy.finetune import TrainConfig, fit
+from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.recipe import fit
 
 METHODS = ("source-only", "dann", "mmd", "coral")
 

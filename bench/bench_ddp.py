@@ -31,17 +31,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from tl_deploy import distributed
+    from tl_deploy.backbones import create_model
     from tl_deploy.data import load_splits, train_transform
-    from tl_deploy.finetune import (
-        TrainConfig,
-        build_optimizer,
-        finetune_param_groups,
-        make_loader,
-        train_one_epoch,
-        warmup_cosine,
-    )
-    from tl_deploy.models import create_model
+    from tl_deploy.train import distributed
+    from tl_deploy.train.config import TrainConfig
+    from tl_deploy.train.loaders import make_loader
+    from tl_deploy.train.loop import train_one_epoch
+    from tl_deploy.train.optim import build_optimizer, finetune_param_groups, optimizer_kwargs, warmup_cosine
 
     cfg = TrainConfig(data=str(args.data), batch_size=args.batch_size, img_size=args.img_size, augment=False,
                       device=args.device, workers=0)
@@ -51,20 +47,22 @@ def worker(args: argparse.Namespace) -> None:
         model = create_model(cfg.model, num_classes=len(splits.class_names), weights="embedded")
         model = model.to(ctx.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         train_model = distributed.data_parallel(model, ctx, sync_bn=False)
-        optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
+        optimizer = build_optimizer(finetune_param_groups(model, **optimizer_kwargs(cfg)), cfg.optimizer)
         scheduler = warmup_cosine(optimizer, 10_000, 0)
         criterion = nn.CrossEntropyLoss()
         transform = train_transform(cfg.spec(), augment=False)
-        warm = make_loader(samples[: 2 * args.batch_size], transform, cfg, train=True, epoch=0, workers=0, dist=ctx)
-        train_one_epoch(train_model, warm, optimizer, scheduler, criterion, ctx.device, None, None, "warm-up",
-                        freeze_bn=True, dist=ctx)
-        loader = make_loader(samples, transform, cfg, train=True, epoch=1, workers=0, dist=ctx)
+        warm = make_loader(samples[: 2 * args.batch_size], transform, batch_size=cfg.batch_size, seed=cfg.seed,
+                           train=True, epoch=0, dist=ctx)
+        train_one_epoch(train_model, warm, optimizer, scheduler, criterion, ctx.device, None, None,
+                        "warm-up", bn_eval=True, dist=ctx)
+        loader = make_loader(samples, transform, batch_size=cfg.batch_size, seed=cfg.seed, train=True, epoch=1,
+                             dist=ctx)
         distributed.barrier(ctx)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         train_one_epoch(train_model, loader, optimizer, scheduler, criterion, ctx.device, None, None, "timed",
-                        freeze_bn=True, dist=ctx)
+                        bn_eval=True, dist=ctx)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         distributed.barrier(ctx)

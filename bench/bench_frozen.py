@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from tl_deploy.frozen import frozen_forward
-from tl_deploy.models import backbone_stages, create_model, split_after_stages
+from tl_deploy.backbones import backbone_stages, create_model, cut_after_stages
+from tl_deploy.train.stage_cache import frozen_forward
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def main() -> None:
     weights = "embedded" if args.model == "efficientnet_lite0" else "none"
     model = create_model(args.model, num_classes=10, weights=weights).eval()
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    split = split_after_stages(model, len(backbone_stages(model)) - args.unfreeze)
+    split = cut_after_stages(model, len(backbone_stages(model)) - args.unfreeze)
     if split is None:
         raise SystemExit(f"{args.model} cannot be cut before its last {args.unfreeze} stages")
     prefix, suffix = split

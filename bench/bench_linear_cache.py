@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tl_deploy.backbones import create_model, pooled_features
 from tl_deploy.data import ImageDataset, eval_transform, load_splits
-from tl_deploy.features import compute_features
-from tl_deploy.models import create_model, pooled_features
 from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.train.feature_cache import compute_features
 
 
 def naive_epoch(model: nn.Module, head: nn.Linear, loader: torch.utils.data.DataLoader,

@@ -65,7 +65,7 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from tl_deploy.artifact import Architecture, save_artifact
-    from tl_deploy.models import create_model
+    from tl_deploy.backbones import create_model
     from tl_deploy.preprocess import PreprocessSpec
 
     torch.manual_seed(0)

@@ -17,8 +17,9 @@ from PIL import Image
 from tl_deploy.data import eval_transform, find_bad_images, load_splits, train_transform
 from tl_deploy.errors import DataError
 from tl_deploy.export.quantize import calibration_batches
-from tl_deploy.finetune import fit, main
+from tl_deploy.finetune import main
 from tl_deploy.preprocess import PreprocessSpec, open_image, prepare, to_rgb
+from tl_deploy.train.recipe import fit
 
 from .conftest import TINY_MODEL, TINY_SIZE, make_image_folder
 from .test_finetune import assert_one_error_line, tiny_config
@@ -224,7 +225,7 @@ def test_truncated_file_is_found(messy: tuple[Path, list[str]]) -> None:
 def test_val_split_drops_bad_files_before_splitting(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "flat", {"all": 6}) / "all"
     (root / "bar" / "broken.png").write_bytes(b"\x89PNG broken")
-    splits = load_splits(root, val_split=0.3, on_bad_image="skip")
+    splits = load_splits(root, val_fraction=0.3, on_bad_image="skip")
     used = {p for p, _ in splits.train + splits.val}
     assert len(splits.skipped) == 1 and splits.skipped[0].path not in used and len(used) == 18
 

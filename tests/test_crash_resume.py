@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_deploy import checkpoint, fileio, finetune
+from tl_deploy import fileio
 from tl_deploy.artifact import load_artifact, save_artifact
+from tl_deploy.data import load_splits
 from tl_deploy.errors import OutputError
-from tl_deploy.finetune import fit, main
+from tl_deploy.finetune import main
+from tl_deploy.train import checkpoint, recipe
+from tl_deploy.train.recipe import fit
 
 from .conftest import TINY_MODEL, TINY_SIZE
 from .test_finetune import assert_one_error_line, tiny_config
@@ -107,7 +110,7 @@ def test_a_torn_checkpoint_write_resumes_from_the_previous_one(tiny_data: Path, 
     ckpt_dir = tmp_path / ".run.checkpoint"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["meta.json", "state-finetune-1.pt", "state-finetune-2.pt"]
     monkeypatch.setattr(checkpoint, "atomic_write_json", real_json)
-    loaded = checkpoint.Checkpointer(tmp_path / "run", finetune._fingerprint(cfg, finetune.load_splits(tiny_data)))
+    loaded = checkpoint.Checkpointer(tmp_path / "run", checkpoint.fingerprint(cfg, load_splits(tiny_data)))
     state = loaded.load()
     assert state is not None and state["run_state"]["epoch"] == 1  # the last complete one, not a restart
     resumed = load_artifact(fit(replace(cfg, resume=True))).model.state_dict()
@@ -121,7 +124,7 @@ def test_unwritable_output_is_refused_before_any_work(tiny_data: Path, tmp_path:
     def must_not_run(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("data was loaded before the output check")
 
-    monkeypatch.setattr(finetune, "load_splits", must_not_run)
+    monkeypatch.setattr(recipe, "load_splits", must_not_run)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="which is a file, not a folder"):
@@ -138,7 +141,7 @@ def test_unwritable_output_is_refused_before_any_work(tiny_data: Path, tmp_path:
 
 def test_full_disk_is_refused_before_any_work(tiny_data: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(finetune, "load_splits", lambda *a, **k: pytest.fail("data loaded before the disk check"))
+    monkeypatch.setattr(recipe, "load_splits", lambda *a, **k: pytest.fail("data loaded before the disk check"))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage._replace(free=50 * 2**20))
     with pytest.raises(OutputError, match="Only 50 MiB free .* need at least 200 MiB"):

@@ -10,10 +10,20 @@ import pytest
 import torch
 
 from tl_deploy.artifact import load_artifact
-from tl_deploy.da import DomainAdapter, coral, cycle, dann_coefficient, grad_reverse, mk_mmd, unlabeled_samples
 from tl_deploy.errors import DataError
 from tl_deploy.export import ExportOptions, export_artifact
-from tl_deploy.finetune import TrainConfig, fit, main
+from tl_deploy.finetune import main
+from tl_deploy.train.adaptation import (
+    DomainAdapter,
+    coral,
+    cycle,
+    dann_coefficient,
+    grad_reverse,
+    mk_mmd,
+    unlabeled_samples,
+)
+from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.recipe import fit
 
 from .conftest import TINY_MODEL, TINY_SIZE, make_image_folder
 from .test_finetune import assert_one_error_line

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_deploy import distributed, finetune
 from tl_deploy.artifact import load_artifact
 from tl_deploy.data import load_splits
-from tl_deploy.distributed import DistContext
 from tl_deploy.errors import TlDeployError
-from tl_deploy.finetune import TrainConfig, fit
+from tl_deploy.train import distributed, finetuning
+from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.distributed import DistContext
+from tl_deploy.train.recipe import fit
 
 from .conftest import TINY_MODEL, TINY_SIZE
 
@@ -110,7 +111,7 @@ def test_two_gloo_processes_match_one_process(single: Path, tiny_data: Path, tmp
 def test_distributed_resume_of_a_single_process_checkpoint(single: Path, tiny_data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A run interrupted in its second epoch resumes on 2 processes and ends where the uninterrupted run did."""
-    real_epoch = finetune.train_one_epoch
+    real_epoch = finetuning.train_one_epoch
     calls = {"n": 0}
 
     def crash_on_second(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -119,7 +120,7 @@ def test_distributed_resume_of_a_single_process_checkpoint(single: Path, tiny_da
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_one_epoch", crash_on_second)
+    monkeypatch.setattr(finetuning, "train_one_epoch", crash_on_second)
     cfg = config(tiny_data, tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         fit(cfg)
@@ -181,9 +182,9 @@ def test_sync_bn_is_refused_where_it_cannot_work() -> None:
 def _collectives_worker(rank: int, port: int, data: str, cache: str) -> None:
     import torch.distributed as dist
 
-    from tl_deploy.features import cached_features, compute_features
-    from tl_deploy.models import create_model
+    from tl_deploy.backbones import create_model
     from tl_deploy.preprocess import PreprocessSpec
+    from tl_deploy.train.feature_cache import cached_features, compute_features
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

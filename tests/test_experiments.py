@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_deploy.experiments import METHODS, CurveConfig, main, transfer_curve
+from tl_deploy.experiments import main
+from tl_deploy.train.transfer_curve import METHODS, CurveConfig, transfer_curve
 
 from .conftest import TINY_MODEL, TINY_SIZE
 from .test_finetune import assert_one_error_line

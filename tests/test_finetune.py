@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_deploy import finetune
 from tl_deploy.artifact import load_artifact
-from tl_deploy.finetune import TrainConfig, fit, main
-from tl_deploy.frozen import FrozenForward
+from tl_deploy.finetune import main
+from tl_deploy.train import finetuning, stage_cache
+from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.recipe import fit
+from tl_deploy.train.stage_cache import FrozenForward
 
 from .conftest import TINY_MODEL, TINY_SIZE, make_image_folder
 
@@ -66,7 +68,7 @@ def test_artifact_reproduces_recorded_accuracy(trained: Path, tiny_data: Path) -
 def test_linear_probe_runs_the_backbone_once(tiny_data: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = finetune.frozen_forward
+    real = stage_cache.frozen_forward
 
     def counting_frozen_forward(*args, **kwargs):  # type: ignore[no-untyped-def]
         forward = real(*args, **kwargs)
@@ -77,7 +79,7 @@ def test_linear_probe_runs_the_backbone_once(tiny_data: Path, tmp_path: Path,
 
         return FrozenForward(counted, forward.runtime)
 
-    monkeypatch.setattr(finetune, "frozen_forward", counting_frozen_forward)
+    monkeypatch.setattr(stage_cache, "frozen_forward", counting_frozen_forward)
     cfg = tiny_config(tiny_data, tmp_path / "lin", strategy="linear", probe_epochs=5, no_cache=False,
                       cache_dir=str(tmp_path / "cache"))
     fit(cfg)
@@ -103,9 +105,9 @@ def test_frozen_stage_cache_matches_running_every_layer(tiny_data: Path, tmp_pat
     # PyTorch runs the frozen passes too, so both paths do the same arithmetic (onnxruntime's outputs
     # match to float rounding: tests/test_frozen.py).
     cfg = tiny_config(tiny_data, tmp_path / "cached", strategy="lp-ft", epochs=2, unfreeze=2, deterministic=True,
-                      frozen_runtime="torch")
+                      cache_runtime="torch")
     cached = fit(cfg)
-    monkeypatch.setattr(finetune, "ACTIVATION_CACHE_MAX_BYTES", 0)  # forces the every-layer path
+    monkeypatch.setattr(stage_cache, "ACTIVATION_CACHE_MAX_BYTES", 0)  # forces the every-layer path
     full = fit(replace(cfg, out=str(tmp_path / "full")))
     training = [json.loads((p / "config.json").read_text())["training"] for p in (cached, full)]
     assert [t["frozen_stage_cache"] for t in training] == [True, False]
@@ -119,10 +121,10 @@ def test_frozen_stage_cache_matches_running_every_layer(tiny_data: Path, tmp_pat
 
 def test_frozen_passes_on_onnxruntime_train_the_same_model(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "torch", strategy="lp-ft", epochs=2, unfreeze=2, deterministic=True,
-                      frozen_runtime="torch")
-    runs = [fit(cfg), fit(replace(cfg, out=str(tmp_path / "ort"), frozen_runtime="onnxruntime"))]
+                      cache_runtime="torch")
+    runs = [fit(cfg), fit(replace(cfg, out=str(tmp_path / "ort"), cache_runtime="onnxruntime"))]
     training = [json.loads((p / "config.json").read_text())["training"] for p in runs]
-    assert [t["frozen_runtime_used"] for t in training] == ["torch", "onnxruntime"]
+    assert [t["cache_runtime_used"] for t in training] == ["torch", "onnxruntime"]
     assert all(t["frozen_stage_cache"] for t in training)
     metrics = [json.loads((p / "metrics.json").read_text()) for p in runs]
     history = [[h["val_loss"] for h in m["history"]] for m in metrics]
@@ -135,7 +137,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data: Path, tmp_
     cfg = tiny_config(tiny_data, tmp_path / "full", epochs=2, deterministic=True)
     full = load_artifact(fit(cfg)).model.state_dict()
 
-    real_epoch = finetune.train_one_epoch
+    real_epoch = finetuning.train_one_epoch
     seen = {"n": 0}
 
     def crash_on_second(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -144,12 +146,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data: Path, tmp_
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_one_epoch", crash_on_second)
+    monkeypatch.setattr(finetuning, "train_one_epoch", crash_on_second)
     crashed = replace(cfg, out=str(tmp_path / "crashed"))
     with pytest.raises(KeyboardInterrupt):
         fit(crashed)
     assert not (tmp_path / "crashed").exists()  # no half-written artifact
-    monkeypatch.setattr(finetune, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(finetuning, "train_one_epoch", real_epoch)
     resumed = load_artifact(fit(replace(crashed, resume=True))).model.state_dict()
     for key, value in full.items():
         assert torch.equal(value, resumed[key]), key
@@ -208,7 +210,7 @@ def test_bad_options_give_one_clear_line(args: list[str], message: str, tiny_dat
 def test_weights_that_do_not_fit_cli(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import save_file
 
-    from tl_deploy.models import create_model
+    from tl_deploy.backbones import create_model
 
     other = create_model("test_resnet", num_classes=3, weights="none")
     path = tmp_path / "w.safetensors"

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from tl_deploy.backbones import backbone_stages, create_model, cut_after_stages, pooled_features
 from tl_deploy.errors import TlDeployError
-from tl_deploy.frozen import AUTO_MIN_IMAGES, frozen_forward, resolve_frozen_runtime
-from tl_deploy.models import backbone_stages, create_model, pooled_features, split_after_stages
+from tl_deploy.train.stage_cache import AUTO_MIN_IMAGES, frozen_forward, resolve_cache_runtime
 
 from .conftest import TINY_MODEL, TINY_SIZE
 
@@ -23,7 +23,7 @@ def tiny_split() -> tuple[nn.Module, nn.Module, nn.Module]:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    split = split_after_stages(model, len(backbone_stages(model)) - 2)
+    split = cut_after_stages(model, len(backbone_stages(model)) - 2)
     assert split is not None
     return model, split[0], split[1]
 
@@ -52,16 +52,16 @@ def test_onnxruntime_matches_torch_on_prefix_suffix_and_features(tiny_split: tup
 
 
 def test_runtime_choice() -> None:
-    assert resolve_frozen_runtime("auto", CPU) == "onnxruntime"
-    assert resolve_frozen_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES) == "onnxruntime"
-    assert resolve_frozen_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES - 1) == "torch"  # export costs more
-    assert resolve_frozen_runtime("onnxruntime", CPU, num_images=1) == "onnxruntime"
-    assert resolve_frozen_runtime("auto", torch.device("cuda")) == "torch"
-    assert resolve_frozen_runtime("torch", CPU) == "torch"
-    with pytest.raises(TlDeployError, match="--frozen-runtime onnxruntime runs on the CPU"):
-        resolve_frozen_runtime("onnxruntime", torch.device("cuda"))
-    with pytest.raises(TlDeployError, match="Invalid --frozen-runtime 'tvm'"):
-        resolve_frozen_runtime("tvm", CPU)
+    assert resolve_cache_runtime("auto", CPU) == "onnxruntime"
+    assert resolve_cache_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES) == "onnxruntime"
+    assert resolve_cache_runtime("auto", CPU, num_images=AUTO_MIN_IMAGES - 1) == "torch"  # export costs more
+    assert resolve_cache_runtime("onnxruntime", CPU, num_images=1) == "onnxruntime"
+    assert resolve_cache_runtime("auto", torch.device("cuda")) == "torch"
+    assert resolve_cache_runtime("torch", CPU) == "torch"
+    with pytest.raises(TlDeployError, match="--cache-runtime onnxruntime runs on the CPU"):
+        resolve_cache_runtime("onnxruntime", torch.device("cuda"))
+    with pytest.raises(TlDeployError, match="Invalid --cache-runtime 'tvm'"):
+        resolve_cache_runtime("tvm", CPU)
 
 
 class _NoExport(nn.Module):
@@ -73,9 +73,9 @@ class _NoExport(nn.Module):
 
 def test_export_failure_falls_back_to_torch_under_auto(caplog: pytest.LogCaptureFixture) -> None:
     x = torch.ones(2, 3)
-    with caplog.at_level(logging.WARNING, logger="tl_deploy.frozen"):
+    with caplog.at_level(logging.WARNING, logger="tl_deploy.train.stage_cache"):
         forward = frozen_forward(_NoExport(), x, runtime="auto", device=CPU)
     assert torch.equal(forward(x), x * 2)
     assert "ONNX export failed" in caplog.text
-    with pytest.raises(TlDeployError, match="could not export the frozen layers.*--frozen-runtime torch"):
+    with pytest.raises(TlDeployError, match="could not export the frozen layers.*--cache-runtime torch"):
         frozen_forward(_NoExport(), x, runtime="onnxruntime", device=CPU)

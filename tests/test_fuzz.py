@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tl_deploy.artifact import load_artifact
-from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import Range
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export.metadata import OnnxMetadata
 from tl_deploy.export.tensorrt import check_sidecar
 from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.train.checkpoint import Checkpointer
 
 EXAMPLES = int(os.environ.get("TL_DEPLOY_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

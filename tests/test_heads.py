@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tl_deploy.artifact import Architecture, load_artifact, save_artifact
+from tl_deploy.backbones import backbone_stages, pooled_features, set_trainable
 from tl_deploy.errors import ModelError
 from tl_deploy.export import ExportOptions, export_artifact
 from tl_deploy.heads import AttentionFusionHead, FusionClassifier, create_fusion_model
-from tl_deploy.models import backbone_stages, pooled_features, set_trainable
 from tl_deploy.preprocess import PreprocessSpec
 
 from .conftest import TINY_CLASSES, TINY_MODEL, TINY_SIZE

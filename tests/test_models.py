@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tl_deploy.backbones import backbone_stages, create_model, read_state_dict, remap_in_order, set_trainable
 from tl_deploy.errors import ModelError
-from tl_deploy.models import backbone_stages, create_model, read_state_dict, remap_in_order, set_trainable
 from tl_deploy.preprocess import PreprocessSpec, prepare
 
 
@@ -95,20 +95,20 @@ def test_partial_unfreezing_trains_only_the_last_stages() -> None:
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_050"])
-def test_split_after_stages_composes_to_the_model(name: str) -> None:
+def test_cut_after_stages_composes_to_the_model(name: str) -> None:
     import torch
 
-    from tl_deploy.models import backbone_stages, split_after_stages
+    from tl_deploy.backbones import backbone_stages, cut_after_stages
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, weights="none").eval()
     x = torch.randn(2, 3, 32, 32)
     n = len(backbone_stages(model))
     for frozen in range(1, n):
-        split = split_after_stages(model, frozen)
+        split = cut_after_stages(model, frozen)
         assert split is not None, frozen
         prefix, suffix = split
         torch.testing.assert_close(suffix(prefix(x)), model(x))
         assert len(list(prefix.parameters())) + len(list(suffix.parameters())) == len(list(model.parameters()))
-    assert split_after_stages(model, 0) is None and split_after_stages(model, n) is None
-    assert split_after_stages(create_model("resnet18", num_classes=3, weights="none"), 1) is None
+    assert cut_after_stages(model, 0) is None and cut_after_stages(model, n) is None
+    assert cut_after_stages(create_model("resnet18", num_classes=3, weights="none"), 1) is None

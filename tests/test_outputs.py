@@ -166,14 +166,15 @@ def test_transfer_curve_out_in_a_strangers_folder_is_refused(tiny_data: Path, tm
 
 
 def test_output_kinds_match_the_formats_written() -> None:
-    from tl_deploy import artifact, datasets, experiments
+    from tl_deploy import artifact, datasets
     from tl_deploy import export as export_pkg
     from tl_deploy.fileio import OUTPUT_KINDS
+    from tl_deploy.train import transfer_curve
 
     assert OUTPUT_KINDS["model artifact"] == (artifact.CONFIG_FILE, artifact.FORMAT)
     assert OUTPUT_KINDS["export"] == (export_pkg.MANIFEST, export_pkg.MANIFEST_FORMAT)
     assert OUTPUT_KINDS["dataset"][0] == datasets.DATASET_JSON
-    assert OUTPUT_KINDS["transfer curve"] == ("results.json", experiments.RESULTS_FORMAT)
+    assert OUTPUT_KINDS["transfer curve"] == ("results.json", transfer_curve.RESULTS_FORMAT)
 
 
 # --------------------------------------------------------------------------- item 1: reports
@@ -298,9 +299,11 @@ def test_empty_weights_file_gives_one_line(tiny_data: Path, tmp_path: Path,
 
 
 def test_resume_from_a_checkpoint_with_an_unexpected_key_gives_one_line(tiny_data: Path, tmp_path: Path) -> None:
-    from tl_deploy.checkpoint import Checkpointer
     from tl_deploy.data import load_splits
-    from tl_deploy.finetune import RunState, _fingerprint, build_network, fit
+    from tl_deploy.train.checkpoint import Checkpointer, RunState
+    from tl_deploy.train.checkpoint import fingerprint as _fingerprint
+    from tl_deploy.train.recipe import fit
+    from tl_deploy.train.setup import build_network
 
     cfg = tiny_config(tiny_data, tmp_path / "o", strategy="finetune", epochs=1)
     ckpt = Checkpointer(tmp_path / "o", _fingerprint(cfg, load_splits(tiny_data)))
@@ -355,7 +358,7 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
 
 
 def test_range_check_used_by_the_library_api(tiny_data: Path, tmp_path: Path) -> None:
-    from tl_deploy.finetune import fit
+    from tl_deploy.train.recipe import fit
 
     with pytest.raises(TlDeployError, match=r"Invalid --weight-decay inf: choose a finite number >= 0"):
         fit(tiny_config(tiny_data, tmp_path / "o", weight_decay=float("inf")))  # today: NaN weights, exit 0
@@ -369,8 +372,8 @@ def test_range_check_used_by_the_library_api(tiny_data: Path, tmp_path: Path) ->
 def val_split_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """An artifact trained with --val-split 0.25 on data with train/ and test/ but no val/, and its export."""
     from tl_deploy.artifact import Architecture, save_artifact
+    from tl_deploy.backbones import create_model
     from tl_deploy.export import ExportOptions, export_artifact
-    from tl_deploy.models import create_model
     from tl_deploy.preprocess import PreprocessSpec
 
     root = tmp_path_factory.mktemp("val_split")

@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from tl_deploy import finetune
 from tl_deploy.artifact import load_artifact
 from tl_deploy.cli import setup_logging
 from tl_deploy.errors import TlDeployError
-from tl_deploy.finetune import AmpChoice, fit, measure_amp, resolve_amp, time_train_step
+from tl_deploy.train import amp as amp_module
+from tl_deploy.train import finetuning, recipe, stage_cache
+from tl_deploy.train.amp import AmpChoice, measure_amp, resolve_amp, time_train_step
+from tl_deploy.train.recipe import fit
 
 from .test_distributed import config as dist_config
 from .test_finetune import tiny_config
@@ -38,13 +40,13 @@ def fake_step_ms(fp32: float, bf16: float):  # type: ignore[no-untyped-def]
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32_and_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(finetune, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: False)
     choice = resolve_amp("auto", CPU)
     assert choice.dtype is None and not choice.to_measure and "no native bf16" in choice.reason
 
 
 def test_auto_on_a_bf16_cpu_is_fp32_unless_bf16_measures_clearly_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(finetune, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
     pending = resolve_amp("auto", CPU)
     assert pending.dtype is None and pending.to_measure
     slower = measure_amp(pending, lambda dtype: 105.0 if dtype == torch.bfloat16 else 80.0)  # issue 13's CPU
@@ -56,7 +58,7 @@ def test_auto_on_a_bf16_cpu_is_fp32_unless_bf16_measures_clearly_faster(monkeypa
 
 
 def test_explicit_modes_are_never_measured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(finetune, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp("off", CPU) == AmpChoice(None, "--amp off")
     assert resolve_amp("bf16", CPU) == AmpChoice(torch.bfloat16, "--amp bf16")
     with pytest.raises(TlDeployError, match="--amp fp16 needs a CUDA device"):
@@ -85,7 +87,7 @@ def test_time_train_step_leaves_the_network_untouched() -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     for amp in (None, torch.bfloat16):
-        ms = time_train_step(net, x, y, CPU, amp, freeze_bn=False, steps=2)
+        ms = time_train_step(net, x, y, CPU, amp, bn_eval=False, steps=2)
         assert 0 < ms < 60_000
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key  # BatchNorm statistics included
@@ -99,16 +101,16 @@ def test_time_train_step_leaves_the_network_untouched() -> None:
 def test_auto_records_the_measured_choice(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           bf16_ms: float, used: str) -> None:
     """Either branch on any CPU: the CPU capability and the timing are faked, the training is real."""
-    monkeypatch.setattr(finetune, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(finetune, "time_train_step", fake_step_ms(fp32=80.0, bf16=bf16_ms))
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(recipe, "time_train_step", fake_step_ms(fp32=80.0, bf16=bf16_ms))
     used_in_training: list[torch.dtype | None] = []
-    real_epoch = finetune.train_one_epoch
+    real_epoch = finetuning.train_one_epoch
 
     def recording_epoch(*args, **kwargs):  # type: ignore[no-untyped-def]
         used_in_training.append(args[6])  # the amp dtype
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_one_epoch", recording_epoch)
+    monkeypatch.setattr(finetuning, "train_one_epoch", recording_epoch)
     path = fit(tiny_config(tiny_data, tmp_path / "run", strategy="lp-ft", epochs=1, unfreeze=1, amp="auto"))
     training = json.loads((path / "config.json").read_text())["training"]
     assert training["amp"] == "auto" and training["amp_used"] == used
@@ -119,16 +121,16 @@ def test_auto_records_the_measured_choice(tiny_data: Path, tmp_path: Path, monke
 
 def test_auto_measures_the_real_trained_layers(tiny_data: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(finetune, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
     shapes: list[tuple[int, ...]] = []
-    real = finetune.time_train_step
+    real = recipe.time_train_step
 
     def recording(net, x, y, device, amp, freeze_bn):  # type: ignore[no-untyped-def]
         shapes.append(tuple(x.shape))
         assert any(p.requires_grad for p in net.parameters())
         return real(net, x, y, device, amp, freeze_bn, steps=1)
 
-    monkeypatch.setattr(finetune, "time_train_step", recording)
+    monkeypatch.setattr(recipe, "time_train_step", recording)
     path = fit(tiny_config(tiny_data, tmp_path / "run", strategy="lp-ft", epochs=1, unfreeze=1, amp="auto"))
     training = json.loads((path / "config.json").read_text())["training"]
     assert training["frozen_stage_cache"] and len(shapes) == 2
@@ -152,10 +154,10 @@ def assert_close_in_bf16(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def test_bf16_frozen_stage_cache_matches_running_every_layer(tiny_data: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "cached", strategy="lp-ft", epochs=2, unfreeze=2, deterministic=True,
-                      frozen_runtime="torch", amp="bf16")
+                      cache_runtime="torch", amp="bf16")
     cached = fit(cfg)
     fp32 = fit(replace(cfg, out=str(tmp_path / "fp32"), amp="off"))
-    monkeypatch.setattr(finetune, "ACTIVATION_CACHE_MAX_BYTES", 0)  # forces the every-layer path
+    monkeypatch.setattr(stage_cache, "ACTIVATION_CACHE_MAX_BYTES", 0)  # forces the every-layer path
     full = fit(replace(cfg, out=str(tmp_path / "full")))
     training = [json.loads((p / "config.json").read_text())["training"] for p in (cached, full)]
     assert [t["frozen_stage_cache"] for t in training] == [True, False]

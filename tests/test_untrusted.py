@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_deploy.checkpoint import Checkpointer
+from tl_deploy.backbones import read_state_dict
 from tl_deploy.errors import ArtifactError, ModelError
 from tl_deploy.export import ExportOptions, export_artifact
 from tl_deploy.fileio import sha256_bytes
 from tl_deploy.finetune import main
-from tl_deploy.models import read_state_dict
 from tl_deploy.runtime import load
+from tl_deploy.train.checkpoint import Checkpointer
 
 from .conftest import TINY_MODEL
 from .test_finetune import assert_one_error_line

@@ -122,8 +122,8 @@ class Artifact:
 
 def build_model(arch: Architecture) -> nn.Module:
     """An untrained network of the artifact's architecture (weights come from the artifact)."""
+    from tl_deploy.backbones import create_model
     from tl_deploy.heads import HEADS, create_fusion_model
-    from tl_deploy.models import create_model
 
     if arch.head == "attention-fusion":
         return create_fusion_model(arch.name, arch.num_classes, weights="none", drop_rate=arch.drop_rate,

@@ -46,6 +46,16 @@ def check_model_name(name: str) -> None:
         )
 
 
+def check_weights(name: str, weights: str) -> None:
+    """Refuse, before any work, ``--weights embedded`` for a model whose weights are not shipped."""
+    if weights == "embedded" and name not in EMBEDDED_WEIGHTS:
+        raise ModelError(
+            f"No embedded weights for {name!r}: embedded ImageNet weights ship only for "
+            f"{', '.join(EMBEDDED_WEIGHTS)}. Use --weights hub to download timm's, --weights PATH for a local "
+            "file, or --weights none to start from random weights."
+        )
+
+
 def remap_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                    may_differ: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Map a state dict onto another architecture's key names by position.
@@ -179,11 +189,7 @@ def create_model(
     if weights == "none":
         return model
     if weights == "embedded":
-        if name not in EMBEDDED_WEIGHTS:
-            raise ModelError(
-                f"No embedded weights for {name!r} (embedded: {', '.join(EMBEDDED_WEIGHTS)}). "
-                "Use --weights hub to download, --weights PATH for a local file, or --weights none."
-            )
+        check_weights(name, weights)
         path = EMBEDDED_WEIGHTS[name]()
         _load_into(model, read_state_dict(path), f"embedded {path.name}")
         return model
@@ -265,7 +271,7 @@ class StageSuffix(nn.Module):
         return self._model[0].forward_head(h, pre_logits=pre_logits)  # type: ignore[operator,no-any-return]
 
 
-def split_after_stages(model: nn.Module, frozen_stages: int) -> tuple[nn.Module, StageSuffix] | None:
+def cut_after_stages(model: nn.Module, frozen_stages: int) -> tuple[nn.Module, StageSuffix] | None:
     """Cut a timm EfficientNet / MobileNetV3-family model after its first ``frozen_stages`` coarse stages.
 
     Returns ``(prefix, suffix)`` whose parameters are exactly the first stages' and the rest, or None

@@ -179,7 +179,7 @@ def check_images(samples: Sequence[Sample], root: Path | None = None) -> None:
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split off ``fraction`` of each class (at least one image per class), seeded."""
     if not 0.0 < fraction < 1.0:
-        raise DataError(f"Invalid --val-split {fraction}: choose a fraction between 0 and 1.")
+        raise DataError(f"Invalid --val-fraction {fraction}: choose a fraction between 0 and 1.")
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
@@ -190,7 +190,7 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
         items = by_class[label]
         if len(items) < 2:
             raise DataError(
-                f"Class index {label} has {len(items)} image(s): --val-split needs at least 2 per class."
+                f"Class index {label} has {len(items)} image(s): --val-fraction needs at least 2 per class."
             )
         order = rng.permutation(len(items))
         n_held = min(len(items) - 1, max(1, round(len(items) * fraction)))
@@ -199,9 +199,9 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
     return keep, held
 
 
-def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None, seed: int = 0,
+def load_splits(data_dir: str | os.PathLike[str], val_fraction: float | None = None, seed: int = 0,
                 verify_images: bool = True, on_bad_image: str = "fail") -> Splits:
-    """Read ``train/`` (+ ``val/``, optional ``test/``), or one folder split by ``val_split``.
+    """Read ``train/`` (+ ``val/``, optional ``test/``), or one folder split by ``val_fraction``.
 
     ``on_bad_image``: ``fail`` refuses a folder with any bad file (wrong type, empty, corrupt,
     truncated, too large), naming them all; ``skip`` leaves them out and lists them in ``skipped``.
@@ -216,19 +216,19 @@ def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None
     if (root / "train").is_dir():
         class_names, train = scan_split(root / "train", bad=bad)
         if (root / "val").is_dir():
-            if val_split is not None:
-                raise DataError(f"{root} already has val/; drop --val-split or remove {root / 'val'}.")
+            if val_fraction is not None:
+                raise DataError(f"{root} already has val/; drop --val-fraction or remove {root / 'val'}.")
             _, val = scan_split(root / "val", class_names, bad=bad)
-        elif val_split is None:
-            raise DataError(f"{root} has train/ but no val/: add val/ or pass --val-split 0.1.")
+        elif val_fraction is None:
+            raise DataError(f"{root} has train/ but no val/: add val/ or pass --val-fraction 0.1.")
         test: list[Sample] = []
         if (root / "test").is_dir():
             _, test = scan_split(root / "test", class_names, bad=bad)
     else:
-        if val_split is None:
+        if val_fraction is None:
             raise DataError(
                 f"{root} has no train/ folder. Use {root}/train/<class>/..., {root}/val/<class>/... "
-                "or pass --val-split 0.1 to split one class-folder tree."
+                "or pass --val-fraction 0.1 to split one class-folder tree."
             )
         class_names, train = scan_split(root, bad=bad)
         test = []
@@ -244,8 +244,8 @@ def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None
         _logger.warning("skipping %d bad file(s) (--on-bad-image skip):", len(bad))
         for item in bad:
             _logger.warning("  skipped %s", item)
-    if val_split is not None:  # split after dropping bad files, so both halves stay clean
-        train, val = stratified_split(train, val_split, seed)
+    if val_fraction is not None:  # split after dropping bad files, so both halves stay clean
+        train, val = stratified_split(train, val_fraction, seed)
     missing = sorted(set(range(len(class_names))) - {label for _, label in train})
     if missing:
         raise DataError(f"Classes {[class_names[i] for i in missing]} have no training images.")
@@ -254,26 +254,27 @@ def load_splits(data_dir: str | os.PathLike[str], val_split: float | None = None
     return Splits(class_names=class_names, train=train, val=val, test=test, skipped=bad)
 
 
-def load_model_splits(data_dir: str | os.PathLike[str], training: Any, val_split: float | None = None,
+def load_model_splits(data_dir: str | os.PathLike[str], training: Any, val_fraction: float | None = None,
                       verify_images: bool = True) -> Splits:
     """The splits of ``data_dir`` as a model's training run saw them.
 
     ``training`` is the artifact's recorded training config: when the data has no ``val/``, the run's
-    ``--val-split`` and ``--seed`` hold out the same images again (``val_split`` overrides the recorded
-    fraction), so a model trained with ``--val-split`` can be evaluated, compared and benchmarked.
+    ``--val-fraction`` and ``--seed`` hold out the same images again (``val_fraction`` overrides the recorded
+    fraction), so a model trained with ``--val-fraction`` can be evaluated, compared and benchmarked.
     """
     root = Path(data_dir)
     training = training if isinstance(training, dict) else {}
     seed = training.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DataError(f"The model's config records an invalid training seed {seed!r}: re-run fine-tuning.")
-    if val_split is None and not (root / "val").is_dir():
-        val_split = training.get("val_split")
-        if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, (int, float))
-                                      or not 0 < val_split < 1):
-            raise DataError(f"The model's config records an invalid val_split {val_split!r}: pass --val-split "
+    if val_fraction is None and not (root / "val").is_dir():
+        # Artifacts written before the rename record "val_split".
+        val_fraction = training.get("val_fraction", training.get("val_split"))
+        if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))
+                                      or not 0 < val_fraction < 1):
+            raise DataError(f"The model's config records an invalid val_fraction {val_fraction!r}: pass --val-fraction "
                             "with a fraction in (0, 1).")
-    return load_splits(root, val_split, seed, verify_images=verify_images)
+    return load_splits(root, val_fraction, seed, verify_images=verify_images)
 
 
 def limit_per_class(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:

@@ -20,8 +20,8 @@ from tl_deploy.cli import FRACTION, POSITIVE_INT, OneLineParser, add_verbose, ru
 from tl_deploy.data import ImageDataset, eval_transform, load_model_splits
 from tl_deploy.errors import DataError
 from tl_deploy.fileio import atomic_write_json, check_report_path
-from tl_deploy.finetune import predict_logits, summarize
 from tl_deploy.reports import ClassificationResult, format_result
+from tl_deploy.train.loop import predict_logits, summarize
 
 
 def evaluate_artifact(artifact: Artifact, data: Path, split: str = "test", batch_size: int = 64,

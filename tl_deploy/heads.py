@@ -114,7 +114,7 @@ def create_fusion_model(name: str, num_classes: int, weights: str = "embedded", 
                         levels: int = DEFAULT_FUSION_LEVELS, dim: int = DEFAULT_FUSION_DIM,
                         channel_attention: bool = True) -> FusionClassifier:
     """A pretrained (or random, ``weights='none'``) timm backbone with an attention-fusion head."""
-    from tl_deploy.models import create_model
+    from tl_deploy.backbones import create_model
 
     backbone = create_model(name, num_classes=num_classes, weights=weights, drop_rate=0.0)
     if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "feature_info"):

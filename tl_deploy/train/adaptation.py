@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tl_deploy.backbones import pooled_features
 from tl_deploy.data import Sample, scan_split
 from tl_deploy.errors import DataError
-from tl_deploy.models import pooled_features
 
 _logger = logging.getLogger(__name__)
 

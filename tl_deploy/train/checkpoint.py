@@ -11,9 +11,9 @@ import io
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,7 +22,52 @@ from tl_deploy.artifact import non_finite_weights
 from tl_deploy.errors import ArtifactError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 
+if TYPE_CHECKING:
+    from tl_deploy.data import Splits
+    from tl_deploy.train.config import TrainConfig
+
 _logger = logging.getLogger(__name__)
+
+# Options that do not change the math: a run may resume with other ones (other hardware, other
+# process counts, other --grad-accum-steps).
+NOT_FINGERPRINTED = ("resume", "workers", "device", "threads", "cache_dir", "no_cache", "grad_accum_steps")
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: progress, history and the best weights so far."""
+
+    phase: str = "probe"
+    epoch: int = 0  # completed epochs of the current phase
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+
+
+def fingerprint(cfg: TrainConfig, splits: Splits) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    return {"config": keep, "classes": splits.class_names, "train": len(splits.train), "val": len(splits.val)}
+
+
+def checkpoint_mismatch(exc: BaseException, what: str, where: Path | None = None) -> ArtifactError:
+    """One line for a checkpoint whose contents do not fit the model being resumed."""
+    first = " ".join(str(exc).split())[:300] or type(exc).__name__
+    todo = f"Delete {where} and drop" if where is not None else "Drop"
+    return ArtifactError(f"The checkpoint's {what} does not fit this run ({first}). {todo} --resume to start over.")
+
+
+def restore_checkpoint(model: nn.Module, loaded: dict[str, Any], where: Path) -> RunState:
+    """Weights and progress from a checkpoint; one clear error when they do not fit ``model``."""
+    try:
+        model.load_state_dict(loaded["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # unexpected/missing keys, shapes
+        raise checkpoint_mismatch(exc, "model state", where) from exc
+    try:
+        return RunState(**loaded["run_state"])
+    except (KeyError, TypeError) as exc:
+        raise checkpoint_mismatch(exc, "run state", where) from exc
 
 
 class Checkpointer:

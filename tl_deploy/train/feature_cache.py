@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tl_deploy import distributed
+from tl_deploy.backbones import feature_dim, pooled_features
 from tl_deploy.data import ImageDataset, Sample, eval_transform
-from tl_deploy.distributed import SINGLE, DistContext
 from tl_deploy.fileio import atomic_path
-from tl_deploy.models import feature_dim, pooled_features
 from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.train import distributed
+from tl_deploy.train.distributed import SINGLE, DistContext
 
 _logger = logging.getLogger(__name__)
 def samples_digest(samples: Sequence[Sample]) -> str:
@@ -69,7 +69,7 @@ def compute_features(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(N, D) pooled backbone features, eval mode, eval transform; sharded over the ranks and gathered.
-    ``forward`` computes them instead of ``pooled_features`` (e.g. ``tl_deploy.frozen.frozen_forward``)."""
+    ``forward`` computes them instead of ``pooled_features`` (e.g. ``tl_deploy.train.stage_cache.frozen_forward``)."""
     run = forward or (lambda x: pooled_features(model, x))
     chunks = _eval_outputs(model, lambda x: run(x).cpu(), distributed.shard(samples, dist), spec,
                            device=device, batch_size=batch_size, workers=workers, desc=desc)  # (B, D) each
@@ -86,7 +86,7 @@ def compute_activations(
 
     Fine-tuning with the first stages frozen and no augmentation sees the same prefix output for an
     image every epoch, so it is computed once. ``forward`` runs the prefix instead of calling it
-    (e.g. ``tl_deploy.frozen.frozen_forward``'s onnxruntime session).
+    (e.g. ``tl_deploy.train.stage_cache.frozen_forward``'s onnxruntime session).
     """
     chunks = _eval_outputs(prefix, forward or prefix, samples, spec, device=device, batch_size=batch_size,
                            workers=workers, desc=desc)  # (B, C, h, w) each

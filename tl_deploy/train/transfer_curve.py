@@ -1,4 +1,4 @@
-"""Transfer-quality experiments.
+"""The transfer curve: test accuracy against labelled images per class, per transfer method.
 
     python -m tl_deploy.experiments transfer-curve [--data DIR] [--shots 1,5,10,50,all] [--seeds 3]
 
@@ -22,11 +22,9 @@ accuracy) and ``curve.png`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,21 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_deploy.cli import (
-    COUNT,
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    OneLineParser,
-    Range,
-    add_verbose,
-    apply_ranges,
-    run_cli,
-    torch_device_arg,
-)
+from tl_deploy.backbones import DEFAULT_MODEL, set_trainable
 from tl_deploy.data import Sample, eval_transform, limit_per_class, load_splits, train_transform
 from tl_deploy.errors import TlDeployError
-from tl_deploy.features import cached_features
 from tl_deploy.fileio import (
     atomic_dir,
     atomic_write_bytes,
@@ -59,21 +45,13 @@ from tl_deploy.fileio import (
     check_output_folder,
     default_cache_dir,
 )
-from tl_deploy.finetune import (
-    TrainConfig,
-    build_network,
-    build_optimizer,
-    features_identity,
-    finetune_param_groups,
-    make_loader,
-    predict_logits,
-    resolve_data,
-    seed_everything,
-    train_one_epoch,
-    warmup_cosine,
-)
-from tl_deploy.models import DEFAULT_MODEL, set_trainable
 from tl_deploy.reports import format_table
+from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.feature_cache import cached_features
+from tl_deploy.train.loaders import make_loader
+from tl_deploy.train.loop import predict_logits, train_one_epoch
+from tl_deploy.train.optim import build_optimizer, finetune_param_groups, optimizer_kwargs, warmup_cosine
+from tl_deploy.train.setup import build_network, features_identity, resolve_data, resolve_device, seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -103,7 +81,7 @@ class CurveConfig:
     probe_steps: int = 300  # steps of the probes on cached features (full batches up to 256)
     probe_lr: float = 3e-3
     eval_per_class: int | None = 30  # fixed test subset (seed 0); None: the whole test split
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     threads: int | None = None  # torch intra-op threads; 1 is fastest when other processes share the cores
     cache_dir: str | None = None
     out: str = "reports/transfer-curve"
@@ -130,7 +108,7 @@ class CurveConfig:
                            batch_size=self.batch_size, lr=self.scratch_lr if scratch else self.lr,
                            optimizer="adamw" if scratch else self.optimizer, augment=True,
                            backbone_lr_mult=1.0 if scratch else self.backbone_lr_mult, bn="train" if scratch else
-                           "frozen", seed=seed, head=head, workers=0, device=self.device, cache_dir=self.cache_dir)
+                           "eval", seed=seed, head=head, workers=0, device=self.device, cache_dir=self.cache_dir)
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -169,19 +147,19 @@ def train_steps(model: nn.Module, samples: Sequence[Sample], cfg: TrainConfig, s
     """Fine-tune every layer for exactly ``steps`` steps: warm-up + cosine, frozen or train BN per ``cfg``."""
     device = torch.device(cfg.device)
     set_trainable(model, None)
-    optimizer = build_optimizer(finetune_param_groups(model, cfg), cfg)
+    optimizer = build_optimizer(finetune_param_groups(model, **optimizer_kwargs(cfg)), cfg.optimizer)
     scheduler = warmup_cosine(optimizer, steps, max(1, int(cfg.warmup_epochs * steps)))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stream = repeat_to(samples, steps * cfg.batch_size, cfg.seed)
-    loader = make_loader(stream, train_transform(cfg.spec(), cfg.augment), replace(cfg, balance="none"), train=True,
-                         epoch=0, workers=0)
+    loader = make_loader(stream, train_transform(cfg.spec(), cfg.augment), batch_size=cfg.batch_size, seed=cfg.seed,
+                         train=True)  # plain shuffling: the stream already repeats whole passes
     torch.manual_seed(cfg.seed)
     train_one_epoch(model, loader, optimizer, scheduler, criterion, device, None, None, desc="steps",
-                    freeze_bn=cfg.bn == "frozen")
+                    bn_eval=cfg.bn == "eval")
 
 
 def score(model: nn.Module, samples: Sequence[Sample], cfg: TrainConfig) -> float:
-    loader = make_loader(samples, eval_transform(cfg.spec()), cfg, train=False, epoch=0, workers=0)
+    loader = make_loader(samples, eval_transform(cfg.spec()), batch_size=cfg.batch_size, seed=cfg.seed, train=False)
     logits, labels = predict_logits(model, loader, torch.device(cfg.device), None, desc="test")
     return float((logits.argmax(1) == labels).float().mean())
 
@@ -194,8 +172,9 @@ def transfer_curve(cc: CurveConfig) -> dict[str, Any]:
     if cc.threads is not None:
         torch.set_num_threads(cc.threads)
     start = time.perf_counter()
+    cc = replace(cc, device=str(resolve_device(cc.device)))  # every run trains on the same device
     base = cc.train_config(0, "linear")
-    data_dir = resolve_data(base)
+    data_dir = resolve_data(base.data)
     base = replace(base, data=str(data_dir))
     check_output_folder(cc.out, "transfer curve", inputs={"data": data_dir})
     splits = load_splits(data_dir)
@@ -346,81 +325,3 @@ def write_outputs(out: Path, result: dict[str, Any], cc: CurveConfig) -> None:
     rows = [[s["method"], s["shots"], f"{100 * s['mean']:.2f}", f"{100 * s['std']:.2f}"] for s in result["summary"]]
     _logger.debug("\n%s", format_table(["method", "shots", "mean %", "std %"], rows))
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'curve.png'}")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-RANGES: dict[str, Range] = {  # allowed values of the numeric options
-    "seeds": POSITIVE_INT,
-    "img_size": Range(int, 8, 4096),
-    "steps": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
-    "lr": POSITIVE,
-    "backbone_lr_mult": NON_NEGATIVE,
-    "scratch_lr": POSITIVE,
-    "probe_steps": POSITIVE_INT,
-    "probe_lr": POSITIVE,
-    "eval_per_class": COUNT,
-    "threads": POSITIVE_INT,
-}
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    d = CurveConfig()
-    p = OneLineParser(prog="python -m tl_deploy.experiments",
-                                description="Transfer-quality experiments.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    c = sub.add_parser("transfer-curve", help="test accuracy vs labelled images per class, per transfer method",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--data", help="ImageFolder root with train/, val/ and test/ (default: embedded Animal-Shape)")
-    c.add_argument("--model", default=d.model, help="timm architecture name")
-    c.add_argument("--weights", default=d.weights, help="pretrained weights: embedded, hub or a file path")
-    c.add_argument("--shots", default=",".join(d.shots), help="labelled images per class, comma-separated; 'all'")
-    c.add_argument("--seeds", type=int, default=d.seeds, help="seeds per budget (different images and init)")
-    c.add_argument("--methods", default=",".join(d.methods), help=f"subset of {','.join(METHODS)}")
-    c.add_argument("--img-size", type=int, default=d.img_size)
-    c.add_argument("--steps", type=int, default=d.steps, help="optimisation steps of every backbone-training run")
-    c.add_argument("--batch-size", type=int, default=d.batch_size)
-    c.add_argument("--opt", dest="optimizer", choices=("sgd", "adamw"), default=d.optimizer,
-                   help="optimizer of the pretrained fine-tuning runs (scratch: AdamW)")
-    c.add_argument("--lr", type=float, default=d.lr, help="head LR when fine-tuning")
-    c.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
-    c.add_argument("--scratch-lr", type=float, default=d.scratch_lr)
-    c.add_argument("--probe-steps", type=int, default=d.probe_steps)
-    c.add_argument("--probe-lr", type=float, default=d.probe_lr)
-    c.add_argument("--eval-per-class", type=int, default=d.eval_per_class,
-                   help="score on this many test images per class (fixed, seed 0); 0: the whole test split")
-    c.add_argument("--device", type=torch_device_arg, default=d.device, help="cpu or cuda")
-    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
-    c.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")
-    c.add_argument("--out", default=d.out, help="folder for results.json, table.md and curve.png")
-    add_verbose(c)
-    apply_ranges(c, RANGES)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-
-    def body(a: argparse.Namespace) -> int:
-        cc = CurveConfig(data=a.data, model=a.model, weights=a.weights, shots=_csv(a.shots), seeds=a.seeds,
-                         methods=_csv(a.methods),
-                         img_size=a.img_size, steps=a.steps, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
-                         backbone_lr_mult=a.backbone_lr_mult, scratch_lr=a.scratch_lr, probe_steps=a.probe_steps,
-                         probe_lr=a.probe_lr, eval_per_class=a.eval_per_class or None, device=a.device,
-                         threads=a.threads,
-                         cache_dir=a.cache_dir, out=a.out)
-        transfer_curve(cc)
-        return 0
-
-    return run_cli(body, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

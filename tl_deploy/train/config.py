@@ -1,0 +1,233 @@
+"""``TrainConfig``: every choice of a fine-tuning run, saved in the artifact's config.json.
+
+Each field carries its command-line facts (help, group, flags, choices, allowed range) as metadata:
+``tl_deploy.train.cli`` generates the parser from them, so no default or help text is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tl_deploy.backbones import DEFAULT_MODEL
+from tl_deploy.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Range
+from tl_deploy.data import ON_BAD_IMAGE
+from tl_deploy.errors import TlDeployError
+from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS
+from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.train.adaptation import DA_METHODS
+from tl_deploy.train.stage_cache import CACHE_RUNTIMES
+
+STRATEGIES = ("linear", "finetune", "lp-ft", "partial")
+FINETUNING_STRATEGIES = ("finetune", "lp-ft", "partial")  # strategies with a fine-tuning phase
+PROBING_STRATEGIES = ("linear", "lp-ft")  # strategies with a linear probe on cached features
+OPTIMIZERS = ("adamw", "sgd")
+BALANCE = ("none", "weights", "sampler")
+BN_MODES = ("eval", "train")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+# Backbone stages trained when --unfreeze is "auto" (None: all). lp-ft keeps efficientnet_lite0's stem and
+# first three blocks frozen: on Animal-Shape this beat training every layer in the same time (README).
+DEFAULT_UNFREEZE: dict[str, int | None] = {"finetune": None, "lp-ft": 4, "partial": 2}
+
+# Argument groups of the generated parser, in --help order.
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "da": "unsupervised domain adaptation",
+    "schedule": "strategy and schedule",
+    "run": "run",
+    "distributed": "distributed (torchrun --nproc_per_node N -m tl_deploy.finetune ...)",
+}
+
+
+def option(default: Any, help: str, group: str, *, flags: tuple[str, ...] = (), old: tuple[str, ...] = (),
+           choices: tuple[str, ...] | None = None, allowed: Range | None = None, metavar: str | None = None,
+           switch: str | None = None) -> Any:
+    """A config field with its command-line facts.
+
+    Args:
+        default: the field's default (stated once, in ``--help`` too).
+        help: the option's help text.
+        group: a key of ``GROUPS``.
+        flags: option strings; default ``--field-name``.
+        old: earlier option strings, still accepted and hidden from ``--help``.
+        choices: the allowed values of a text option.
+        allowed: the allowed range of a numeric option (the parser's type and ``validate`` both use it).
+        metavar: the value's name in ``--help``.
+        switch: for a bool: ``"on"`` (``--flag`` sets True), ``"off"`` (``--flag`` sets False) or
+            ``"both"`` (``--flag/--no-flag``).
+    """
+    meta = {"help": help, "group": group, "flags": flags, "old": old, "choices": choices, "allowed": allowed,
+            "metavar": metavar, "switch": switch}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a fine-tuning run; saved in the artifact's config.json."""
+
+    # data
+    data: str | None = option(None, "ImageFolder root with train/ and val/ (optional test/), or one class-folder "
+                                    "tree with --val-fraction (default: embedded Animal-Shape)", "data")
+    val_fraction: float | None = option(None, "fraction of train/ held out for validation when there is no val/ "
+                                        "(default: none, the data's val/)",
+                                        "data", old=("--val-split",), allowed=FRACTION)
+    limit_per_class: int | None = option(None, "few-shot: at most K training images per class (default: all)",
+                                         "data", metavar="K", allowed=POSITIVE_INT)
+    balance: str = option("none", "class-imbalance handling: loss weights or a balanced sampler", "data",
+                          choices=BALANCE)
+    # Off by default: it cost accuracy in the default 2-epoch schedule (README).
+    augment: bool = option(False, "training augmentation (flip + small affine); off keeps the frozen-stage "
+                                  "cache usable (default: off)", "data", switch="both")
+    on_bad_image: str = option("fail", "fail: stop at once listing corrupt/non-image files; skip: train without "
+                                       "them and list them", "data", choices=ON_BAD_IMAGE)
+    workers: int | None = option(None, "DataLoader workers (default: 0 on small CPUs, else min(8, cores))",
+                                 "data", allowed=COUNT)
+    # model
+    model: str = option(DEFAULT_MODEL, "timm architecture name", "model")
+    weights: str = option("embedded", "starting weights: embedded (shipped ImageNet weights, efficientnet_lite0 "
+                                      "only), hub (download), none, or a file path", "model")
+    img_size: int = option(112, "network input side in pixels", "model", allowed=Range(int, 8, 4096))
+    crop_pct: float = option(1.0, "center-crop fraction: resize the shorter side to img-size / crop-pct, then crop",
+                             "model", allowed=Range(float, 0.0, 1.0, low_open=True))
+    interpolation: str = option("bilinear", "resize filter", "model")
+    drop_rate: float = option(0.2, "dropout before the classifier", "model",
+                              allowed=Range(float, 0.0, 1.0, high_open=True))
+    bn: str = option("eval", "BatchNorm while fine-tuning: eval keeps the ImageNet statistics (affine still "
+                             "trains), train uses batch statistics", "model", choices=BN_MODES)
+    head: str = option("linear", "classifier head: linear on the final features, or attention fusion over "
+                                 "several depths", "model", choices=HEADS)
+    fusion_levels: int = option(DEFAULT_FUSION_LEVELS, "attention-fusion: levels fused (final features + the "
+                                                       "last N-1 stages)", "model", allowed=POSITIVE_INT)
+    fusion_dim: int = option(DEFAULT_FUSION_DIM, "attention-fusion: projection width", "model",
+                             allowed=POSITIVE_INT)
+    channel_attention: bool = option(True, "attention-fusion: no channel attention on the fused vector", "model",
+                                     flags=("--no-channel-attention",), switch="off")
+    # unsupervised domain adaptation
+    target_unlabeled: str | None = option(
+        None, "target-domain images without labels (DIR/train/** if present, else DIR/**); a labelled DIR/test/ "
+              "is scored after training, also without --da (the source-only baseline)", "da", metavar="DIR")
+    da: str | None = option(None, "alignment loss: dann, mmd or coral (default: none)", "da", choices=DA_METHODS)
+    da_weight: float = option(1.0, "weight of the alignment loss against the source classification loss", "da",
+                              allowed=NON_NEGATIVE)
+    # strategy and schedule
+    strategy: str = option("lp-ft", "transfer strategy", "schedule", choices=STRATEGIES)
+    unfreeze: int | str = option("auto", "backbone stages that train, counted from the output (auto: lp-ft 4, "
+                                         "partial 2, finetune all)", "schedule", metavar="N|all|auto")
+    epochs: int = option(2, "fine-tuning epochs (finetune, lp-ft, partial)", "schedule", allowed=COUNT)
+    probe_epochs: int = option(20, "linear-probe epochs on cached features (linear, lp-ft); nearly free",
+                               "schedule", allowed=COUNT)
+    batch_size: int = option(32, "global batch: images per optimizer step over all processes and accumulation "
+                                 "steps", "schedule", flags=("--batch-size", "-b"), allowed=POSITIVE_INT)
+    optimizer: str = option("adamw", "optimizer", "schedule", flags=("--opt",), choices=OPTIMIZERS)
+    lr: float = option(1e-3, "head learning rate when fine-tuning; the backbone's is lr * backbone-lr-mult",
+                       "schedule", allowed=POSITIVE)
+    probe_lr: float = option(1e-3, "learning rate of the linear probe", "schedule", allowed=POSITIVE)
+    # 0.3x the head LR: best of 0.1, 0.3, 1.0 on Animal-Shape.
+    backbone_lr_mult: float = option(0.3, "backbone LR = lr * this", "schedule", allowed=NON_NEGATIVE)
+    layer_decay: float | None = option(None, "layer-wise LR decay (replaces --backbone-lr-mult; default: off)",
+                                       "schedule", allowed=Range(float, 0.0, 1.0, low_open=True))
+    warmup_epochs: float = option(0.1, "epochs of linear LR warm-up before the cosine decay", "schedule",
+                                  allowed=NON_NEGATIVE)
+    weight_decay: float = option(0.01, "AdamW/SGD weight decay (none on biases and norm parameters)", "schedule",
+                                 flags=("--weight-decay", "--wd"), allowed=NON_NEGATIVE)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss", "schedule",
+                                    allowed=Range(float, 0.0, 1.0, high_open=True))
+    patience: int | None = option(None, "early stopping: epochs without val improvement (default: off)",
+                                  "schedule", allowed=POSITIVE_INT)
+    # run
+    amp: str = option("auto", "mixed precision: auto is bf16/fp16 on CUDA; on a CPU fp32 unless bf16 measures "
+                              "faster there", "run", choices=AMP_MODES)
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N", "run")
+    threads: int | None = option(None, "CPU intra-op threads of torch and of the cache runtime (default: their "
+                                       "own choice)", "run", metavar="N", allowed=POSITIVE_INT)
+    seed: int = option(0, "seed of the shuffling, the augmentation and the head's initialisation (default: 0)", "run",
+                       allowed=SEED)
+    deterministic: bool = option(False, "deterministic algorithms (slower)", "run", switch="on")
+    cache_dir: str | None = option(None, "feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)",
+                                   "run")
+    no_cache: bool = option(False, "do not read or write the feature cache", "run", switch="on")
+    cache_runtime: str = option("auto", "runs the one-off inference passes over frozen layers that fill the "
+                                        "caches: auto (onnxruntime on CPU, several times faster there), torch or "
+                                        "onnxruntime", "run", old=("--frozen-runtime",), choices=CACHE_RUNTIMES)
+    out: str | None = option(None, "artifact folder (default: models/<run-name>)", "run")
+    name: str | None = option(None, "run name (default: <data>-<model>-<strategy>)", "run")
+    resume: bool = option(False, "continue from the last complete checkpoint", "run", switch="on")
+    # distributed
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step on each process; --batch-size stays the "
+                                      "global batch", "distributed", metavar="K", allowed=POSITIVE_INT)
+    sync_bn: bool = option(False, "with --bn train: BatchNorm statistics over all processes (SyncBatchNorm, "
+                                  "CUDA only)", "distributed", switch="on")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unfreeze, str) and self.unfreeze.isdigit():  # "4" from the CLI is the same run as 4
+            object.__setattr__(self, "unfreeze", int(self.unfreeze))
+        if self.bn == "frozen":  # the earlier name of --bn eval
+            object.__setattr__(self, "bn", "eval")
+
+    def validate(self) -> None:
+        """Raise a ``TlDeployError`` naming the first option that is out of range or contradicts another."""
+        self._validate_ranges()
+        self._validate_choices()
+        self.validate_transfer()
+        if self.strategy in PROBING_STRATEGIES and self.probe_epochs == 0:
+            raise TlDeployError(f"--strategy {self.strategy} needs --probe-epochs >= 1.")
+        if self.strategy in FINETUNING_STRATEGIES and self.epochs == 0:
+            raise TlDeployError(f"--strategy {self.strategy} needs --epochs >= 1.")
+        if self.sync_bn and self.bn == "eval":
+            raise TlDeployError("--sync-bn synchronises batch statistics but --bn eval uses none: "
+                                "add --bn train or drop --sync-bn.")
+        if not (self.unfreeze in ("auto", "all") or str(self.unfreeze).isdigit()):
+            raise TlDeployError(f"Invalid --unfreeze {self.unfreeze!r}: give a number of stages, all, or auto.")
+
+    def _validate_ranges(self) -> None:
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata.get("allowed"), getattr(self, f.name)
+            if allowed is not None and (value is not None or f.default is not None):
+                allowed.check(f"--{f.name.replace('_', '-')}", value)
+
+    def _validate_choices(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
+        if self.optimizer not in OPTIMIZERS:
+            raise TlDeployError(f"Invalid optimizer {self.optimizer!r}. Only SGD and AdamW are supported.")
+        for name in ("balance", "bn", "on_bad_image", "cache_runtime", "amp"):
+            allowed = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in allowed:
+                raise TlDeployError(f"Invalid --{name.replace('_', '-')} {getattr(self, name)!r}. "
+                                    f"Only {', '.join(allowed)} are supported.")
+
+    def validate_transfer(self) -> None:
+        """Head and domain-adaptation options."""
+        if self.head not in HEADS:
+            raise TlDeployError(f"Invalid --head {self.head!r}. Only {', '.join(HEADS)} are supported.")
+        if self.da is not None and self.da not in DA_METHODS:
+            raise TlDeployError(f"Invalid --da {self.da!r}. Only {', '.join(DA_METHODS)} are supported.")
+        if self.da is not None and self.target_unlabeled is None:
+            raise TlDeployError(f"--da {self.da} needs --target-unlabeled DIR (target-domain images).")
+        if self.da is not None and self.strategy == "linear":
+            raise TlDeployError("--da adapts the backbone, which --strategy linear keeps frozen: use --strategy "
+                                "finetune, lp-ft or partial.")
+        if self.da is not None and self.resume:
+            raise TlDeployError("--resume is not supported with --da yet (the discriminator is not checkpointed): "
+                                "drop --resume.")
+
+    def stages_to_train(self) -> int | None:
+        """How many of the last backbone stages fine-tuning trains; None: all of them."""
+        if self.unfreeze == "auto":
+            return DEFAULT_UNFREEZE.get(self.strategy)
+        return None if self.unfreeze == "all" else int(self.unfreeze)
+
+    @property
+    def finetunes(self) -> bool:
+        """True when the strategy has a fine-tuning phase."""
+        return self.strategy in FINETUNING_STRATEGIES
+
+    @property
+    def probes(self) -> bool:
+        """True when the strategy starts with a linear probe."""
+        return self.strategy in PROBING_STRATEGIES
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.for_size(self.img_size, self.crop_pct, interpolation=self.interpolation)

@@ -1,0 +1,156 @@
+"""The fine-tuning phase: the unfrozen layers train for ``--epochs`` with warm-up + cosine; the best
+val epoch is kept, and every epoch is checkpointed for ``--resume``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from tl_deploy.backbones import set_trainable
+from tl_deploy.data import train_transform
+from tl_deploy.reports import ClassificationResult
+from tl_deploy.train import distributed
+from tl_deploy.train.adaptation import DomainAdapter, cycle, unlabeled_samples
+from tl_deploy.train.checkpoint import checkpoint_mismatch
+from tl_deploy.train.loaders import make_loader
+from tl_deploy.train.loop import evaluate, predict_logits, summarize, train_one_epoch
+from tl_deploy.train.optim import build_optimizer, finetune_param_groups, optimizer_kwargs, warmup_cosine
+from tl_deploy.train.probe import log_epoch
+from tl_deploy.train.run import Run
+from tl_deploy.train.stage_cache import StageCache
+
+_logger = logging.getLogger(__name__)
+
+Weights = dict[str, torch.Tensor]
+
+
+def finetune(run: Run, network: nn.Module, cache: StageCache) -> None:
+    """Train the unfrozen layers of ``network``; leaves it with the weights of the best val epoch.
+
+    With a frozen-stage cut in ``cache``, the epochs run only the layers after the cut, on the cached
+    outputs of the frozen stages.
+    """
+    cfg, state = run.cfg, run.state
+    set_trainable(network, cfg.stages_to_train())
+    trained = cache.suffix or network  # the layers each epoch runs
+    stepped = distributed.data_parallel(trained, run.dist, sync_bn=cfg.sync_bn)  # after freezing: DDP's wrapper
+    per_epoch = steps_per_epoch(run)
+    adapter = make_adapter(run, network, cfg.epochs * per_epoch)
+    optimizer, scheduler = make_optimization(run, network, adapter, per_epoch)
+    best = restore_optimization(run, optimizer, scheduler)
+    scaler = torch.amp.GradScaler("cuda") if run.amp.dtype == torch.float16 else None
+    criterion = nn.CrossEntropyLoss(weight=_to(run.loss_weights(), run.device), label_smoothing=cfg.label_smoothing)
+    transform = train_transform(run.spec, cfg.augment)
+    start_epoch = state.epoch if state.phase == "finetune" else 0
+    state.phase = "finetune"
+    for epoch in range(start_epoch, cfg.epochs):
+        # Augmentation + dropout per epoch; each rank draws its own.
+        torch.manual_seed(cfg.seed * 100_003 + 7919 * (epoch + 1) + run.dist.rank)
+        t0 = time.perf_counter()
+        loader = make_loader(run.train_samples, transform, batch_size=cfg.batch_size, seed=cfg.seed, train=True,
+                             epoch=epoch, workers=run.workers, sample_weights=run.sample_weights(),
+                             activations=cache.activations.get("train"), accum_steps=cfg.grad_accum_steps,
+                             dist=run.dist)
+        train_loss, train_acc = train_one_epoch(stepped, loader, optimizer, scheduler, criterion, run.device,
+                                                run.amp.dtype, scaler, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                bn_eval=cfg.bn == "eval", accum_steps=cfg.grad_accum_steps,
+                                                dist=run.dist, adapter=adapter)
+        val = validate(run, network, cache)
+        row = {"phase": "finetune", "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.perf_counter() - t0, 1),
+               "lr": max(g["lr"] for g in optimizer.param_groups)}
+        if adapter is not None:
+            row["align_loss"] = adapter.pop_mean_align_loss()
+        best = record_epoch(run, network, row, best)
+        run.ckpt.save(network, optimizer, scheduler, state, best=best)
+        if cfg.patience is not None and state.stale_epochs >= cfg.patience:
+            _logger.info("early stop: val accuracy has not improved for %d epochs", cfg.patience)
+            break
+    if best is not None and state.best_epoch != state.epoch:
+        _logger.info("restoring the best val epoch (%d, val acc %.2f%%)", state.best_epoch, 100 * state.best_acc)
+        network.load_state_dict(best)
+    for p in network.parameters():
+        p.requires_grad_(True)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return tensor.to(device) if tensor is not None else None
+
+
+def steps_per_epoch(run: Run) -> int:
+    """Optimizer steps of one epoch on this process."""
+    loader = make_loader(run.train_samples, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=True,
+                         accum_steps=run.cfg.grad_accum_steps, dist=run.dist)
+    return len(loader) // run.cfg.grad_accum_steps
+
+
+def make_adapter(run: Run, network: nn.Module, total_steps: int) -> DomainAdapter | None:
+    """The domain-adaptation hook for the training step, or None without --da."""
+    cfg = run.cfg
+    if cfg.da is None or cfg.target_unlabeled is None:
+        return None
+    target = unlabeled_samples(cfg.target_unlabeled)
+    _logger.info("domain adaptation %s (weight %g): %d unlabelled target images from %s", cfg.da, cfg.da_weight,
+                 len(target), cfg.target_unlabeled)
+    # Plain shuffling (never the class-balanced sampler: the target images have no labels).
+    loader = make_loader(target, train_transform(run.spec, cfg.augment), batch_size=cfg.batch_size, seed=cfg.seed,
+                         train=True, epoch=10_007, workers=run.workers, accum_steps=cfg.grad_accum_steps)
+    adapter = DomainAdapter(cfg.da, int(network.num_features), cfg.da_weight, cycle(loader),  # type: ignore[arg-type]
+                            total_steps)
+    return adapter.to(run.device)
+
+
+def make_optimization(run: Run, network: nn.Module, adapter: DomainAdapter | None,
+                      per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over the trained parameters (and a domain discriminator's), and its schedule over
+    ``--epochs`` of ``per_epoch`` steps."""
+    cfg = run.cfg
+    groups = finetune_param_groups(network, **optimizer_kwargs(cfg))
+    if adapter is not None and adapter.discriminator is not None:
+        groups.append({"params": list(adapter.discriminator.parameters()), "lr": cfg.lr,
+                       "weight_decay": cfg.weight_decay})
+    optimizer = build_optimizer(groups, cfg.optimizer)
+    return optimizer, warmup_cosine(optimizer, cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch))
+
+
+def restore_optimization(run: Run, optimizer: torch.optim.Optimizer,
+                         scheduler: torch.optim.lr_scheduler.LRScheduler) -> Weights | None:
+    """With ``--resume`` in the middle of fine-tuning: the optimizer and schedule state, and the best
+    weights so far. None when starting afresh."""
+    if run.resumed is None or run.state.phase != "finetune" or run.state.epoch == 0:
+        return None
+    try:
+        optimizer.load_state_dict(run.resumed["optimizer"])
+        scheduler.load_state_dict(run.resumed["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise checkpoint_mismatch(exc, "optimizer state") from exc
+    best: Weights | None = run.resumed.get("best")
+    return best
+
+
+def validate(run: Run, network: nn.Module, cache: StageCache) -> ClassificationResult:
+    """This epoch's val metrics: on the cached frozen-stage outputs when there are some."""
+    if cache.suffix is not None:
+        loader = make_loader(run.splits.val, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=False,
+                             activations=cache.activations["val"])
+        return summarize(*predict_logits(cache.suffix, loader, run.device, run.amp.dtype, desc="val"),
+                         run.num_classes)
+    return evaluate(network, run.splits.val, run.spec, batch_size=run.cfg.batch_size, device=run.device,
+                    amp=run.amp.dtype, workers=run.workers, num_classes=run.num_classes, desc="val", dist=run.dist)
+
+
+def record_epoch(run: Run, network: nn.Module, row: dict[str, Any], best: Weights | None) -> Weights | None:
+    """Log and keep the epoch's row; returns the best weights so far (these, when val improved)."""
+    state = run.state
+    state.history.append(row)
+    log_epoch(row)
+    state.epoch = row["epoch"]
+    if row["val_acc"] > state.best_acc:
+        state.best_acc, state.best_epoch, state.stale_epochs = row["val_acc"], row["epoch"], 0
+        return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    state.stale_epochs += 1
+    return best
