@@ -90,9 +90,11 @@ def test_diverged_training_ends_with_one_line_and_writes_nothing(strategy: str, 
     from tl_deploy.finetune import main
 
     out = tmp_path / "run"
+    # Fine-tuning options only where there is a fine-tuning phase (linear refuses them).
+    finetuning = [] if strategy == "linear" else ["--epochs", "1", "--no-augment", "--lr", "1e30"]
     rc = main(["--data", str(tiny_data), "--model", TINY_MODEL, "--weights", "none", "--img-size", str(TINY_SIZE),
-               "--strategy", strategy, "--epochs", "1", "--probe-epochs", "1", "--batch-size", "16",
-               "--no-augment", "--no-cache", "--workers", "0", "--lr", "1e30", "--probe-lr", "1e30",
+               "--strategy", strategy, *finetuning, "--probe-epochs", "1", "--batch-size", "16",
+               "--no-cache", "--workers", "0", "--probe-lr", "1e30",
                "--out", str(out)])  # a finite learning rate that overflows the weights
     assert rc != 0
     _one_error_line(capsys.readouterr().err, "hold NaN or infinity")

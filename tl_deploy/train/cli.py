@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # (options, the strategies or settings in which they do nothing, the rest of the sentence)
 FINETUNING_ONLY = ("epochs", "lr", "backbone_lr_mult", "layer_decay", "warmup_epochs", "bn", "augment",
                    "grad_accum_steps", "sync_bn", "patience", "amp", "unfreeze")
-PROBE_ONLY = ("probe_epochs", "probe_lr", "cache_dir", "no_cache")
+PROBE_ONLY = ("probe_epochs", "probe_lr")
 FUSION_ONLY = ("fusion_levels", "fusion_dim", "channel_attention")
 
 

@@ -92,11 +92,11 @@ def setup(cfg: TrainConfig, dist: DistContext) -> Run:
     amp = resolve_amp(cfg.amp, dist.device)  # refuses --amp fp16 on a CPU before any work
     seed_everything(cfg.seed, cfg.deterministic)
     check_model_name(cfg.model)
-    check_weights(cfg.model, cfg.weights)
     with distributed.local_main_first(dist):  # one process per node prepares the embedded data
         data_dir = resolve_data(cfg.data)
     out = Path(cfg.out) if cfg.out else Path("models") / run_name(cfg, data_dir)
     distributed.run_on_main(lambda: check_output(cfg, out, data_dir), dist)
+    check_weights(cfg.model, cfg.weights)  # before the data is read
 
     splits = load_splits(data_dir, cfg.val_fraction, cfg.seed, on_bad_image=cfg.on_bad_image)
     train_samples = splits.train
