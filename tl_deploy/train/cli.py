@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from tl_deploy import cli
-from tl_deploy.errors import TlDeployError
+from tl_deploy.errors import TlDeployError, UsageError
 from tl_deploy.train.config import GROUPS, TrainConfig
 
 DESCRIPTION = ("Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
@@ -68,21 +68,34 @@ PROBE_ONLY = ("probe_epochs", "probe_lr")
 FUSION_ONLY = ("fusion_levels", "fusion_dim", "channel_attention")
 
 
+def flag_of(dest: str) -> str:
+    """The option string ``--help`` shows for a config field (``--no-channel-attention``, ``--opt``...)."""
+    flags = TrainConfig.__dataclass_fields__[dest].metadata["flags"]
+    return flags[0] if flags else "--" + dest.replace("_", "-")
+
+
+def refuse(args: argparse.Namespace, dests: tuple[str, ...], why: str) -> None:
+    """``cli.refuse_unused``, naming each option by the flag the user knows."""
+    named = [flag_of(d) for d in dests if d in cli.given(args)]
+    if named:
+        raise UsageError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} nothing {why}.")
+
+
 def refuse_unused_options(args: argparse.Namespace) -> None:
     """Refuse (exit 2) an option the user named that the chosen combination ignores."""
     if args.strategy == "linear":
-        cli.refuse_unused(args, FINETUNING_ONLY, "with --strategy linear (only the head trains, on cached "
+        refuse(args, FINETUNING_ONLY, "with --strategy linear (only the head trains, on cached "
                                                  "features): drop it or choose --strategy finetune, lp-ft or "
                                                  "partial")
     if args.strategy in ("finetune", "partial"):
-        cli.refuse_unused(args, PROBE_ONLY, f"with --strategy {args.strategy} (it has no linear probe): drop it "
+        refuse(args, PROBE_ONLY, f"with --strategy {args.strategy} (it has no linear probe): drop it "
                                             "or choose --strategy linear or lp-ft")
     if args.head == "linear":
-        cli.refuse_unused(args, FUSION_ONLY, "with --head linear: drop it or add --head attention-fusion")
+        refuse(args, FUSION_ONLY, "with --head linear: drop it or add --head attention-fusion")
     if args.da is None:
-        cli.refuse_unused(args, ("da_weight",), "without --da: drop it or add --da dann, mmd or coral")
+        refuse(args, ("da_weight",), "without --da: drop it or add --da dann, mmd or coral")
     if args.layer_decay is not None:
-        cli.refuse_unused(args, ("backbone_lr_mult",), "with --layer-decay (layer-wise decay sets the backbone's "
+        refuse(args, ("backbone_lr_mult",), "with --layer-decay (layer-wise decay sets the backbone's "
                                                        "rates): pass only one of them")
 
 
