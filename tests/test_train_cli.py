@@ -77,6 +77,7 @@ REFUSED = [
     (["--strategy", "linear", "--patience", "2"], "--patience does nothing"),
     (["--strategy", "linear", "--amp", "off"], "--amp does nothing"),
     (["--strategy", "linear", "--epochs", "3", "--lr", "0.1"], "--epochs, --lr do nothing"),
+    (["--strategy", "linear", "--drop-rate", "0.1"], "--drop-rate does nothing with --strategy linear and --head"),
     (["--strategy", "finetune", "--probe-epochs", "3"], "--probe-epochs does nothing with --strategy finetune"),
     (["--strategy", "partial", "--probe-lr", "0.1"], "--probe-lr does nothing with --strategy partial"),
     (["--fusion-levels", "2"], "--fusion-levels does nothing with --head linear"),
@@ -99,6 +100,7 @@ def test_options_that_do_nothing_are_refused(args: list[str], message: str, tmp_
 
 @pytest.mark.parametrize("args", [
     ["--strategy", "linear", "--probe-epochs", "5", "--probe-lr", "0.01", "--batch-size", "8"],
+    ["--strategy", "linear", "--head", "attention-fusion", "--drop-rate", "0.1"],
     ["--strategy", "finetune", "--epochs", "3", "--unfreeze", "all", "--layer-decay", "0.7"],
     ["--strategy", "partial", "--unfreeze", "2", "--bn", "train", "--augment"],
     ["--head", "attention-fusion", "--fusion-levels", "2", "--fusion-dim", "8", "--no-channel-attention"],

@@ -87,6 +87,9 @@ def refuse_unused_options(args: argparse.Namespace) -> None:
         refuse(args, FINETUNING_ONLY, "with --strategy linear (only the head trains, on cached "
                                                  "features): drop it or choose --strategy finetune, lp-ft or "
                                                  "partial")
+    if args.strategy == "linear" and args.head == "linear":
+        refuse(args, ("drop_rate",), "with --strategy linear and --head linear (the probe trains the bare linear "
+                                     "head): drop it, or add --head attention-fusion or another --strategy")
     if args.strategy in ("finetune", "partial"):
         refuse(args, PROBE_ONLY, f"with --strategy {args.strategy} (it has no linear probe): drop it "
                                             "or choose --strategy linear or lp-ft")
