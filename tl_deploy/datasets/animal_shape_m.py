@@ -7,7 +7,7 @@ photographs are the colour photos shipped inside scikit-image (``skimage.data``:
 patches are drawn with a fixed seed, and the train/val/test split is Animal-Shape's own (same seed,
 same fractions, same file names), so source and target images correspond one to one.
 
-    python -m tl_deploy.datasets animal-shape-m --out data/animal-shape-m
+    tl-deploy datasets animal-shape-m --out data/animal-shape-m
 
 Needs scikit-image: ``pip install 'tl_deploy[datasets]'``.
 """
@@ -19,16 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_deploy.datasets import (
+from tl_deploy.datasets.animal_shape import (
     ANIMAL_SHAPE_CLASSES,
-    _animal_shape_source,
-    _check_fractions,
-    _obtain_wheel,
-    _tree_key,
-    _up_to_date,
+    animal_shape_source,
     load_animal_shape_arrays,
-    write_image_folder,
+    obtain_wheel,
 )
+from tl_deploy.datasets.imagefolder import check_fractions, tree_key, up_to_date, write_image_folder
 from tl_deploy.errors import DataError
 
 # Colour photographs bundled with scikit-image (not fetched on demand); drawings and logos left out.
@@ -100,13 +97,13 @@ def prepare_animal_shape_m(
 ) -> Path:
     """Write Animal-Shape-M at ``out`` with Animal-Shape's split (``seed`` and fractions as for animal-shape)."""
     out = Path(out)
-    _check_fractions(val_fraction, test_fraction)
-    source = {**_animal_shape_source(), "photos": list(PHOTOS), "blend_seed": BLEND_SEED, "blend": "abs-diff"}
-    quick_key = _tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
-    if _up_to_date(out, quick_key, force=force, force_hint="--force"):
+    check_fractions(val_fraction, test_fraction)
+    source = {**animal_shape_source(), "photos": list(PHOTOS), "blend_seed": BLEND_SEED, "blend": "abs-diff"}
+    quick_key = tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
+    if up_to_date(out, quick_key, force=force, force_hint="--force"):
         return out
     photos = load_photos()  # before the wheel, so a missing scikit-image fails fast
-    images, labels = load_animal_shape_arrays(_obtain_wheel(wheel, cache_dir))  # (N, 28, 28), (N,)
+    images, labels = load_animal_shape_arrays(obtain_wheel(wheel, cache_dir))  # (N, 28, 28), (N,)
     blended = blend_with_photos(images, photos)  # (N, 28, 28, 3)
     import skimage
 
