@@ -100,9 +100,10 @@ def one_session(browser: Any, url: str, images: list[tuple[Path, str]]) -> dict[
 
 def default_images(model: Path) -> list[tuple[Path, str]]:
     """Two test-split images of different classes, the second class's first."""
+    from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest
+
     card = lib.read_model_card(model)
-    names = json.loads((model / lib.EXPORT_MANIFEST).read_text())["metadata"]["class_names"] \
-        if (model / lib.EXPORT_MANIFEST).is_file() else []
+    names = read_export_manifest(model)["metadata"]["class_names"] if is_export_folder(model) else []
     gallery = lib.sample_gallery(card, names, per_class=1)
     if len(gallery) < 2:
         raise SystemExit("error: no test images found next to the model's training data: pass --image PATH.")

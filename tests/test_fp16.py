@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from tl_deploy.errors import ExportError
-from tl_deploy.export import FP16_FILE, FP16_TOL, ExportOptions, export_artifact
+from tl_deploy.export import FP16_TOL, ExportOptions, export_artifact
+from tl_deploy.formats.names import FP16_FILE
 from tl_deploy.export.__main__ import main
 
 
@@ -30,7 +31,7 @@ def test_fp16_file_is_float16_inside_with_float32_io(fp16_export: Path) -> None:
     weights = [i for i in model.graph.initializer if len(i.dims) >= 2]  # conv and linear weights
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     assert (fp16_export / FP16_FILE).stat().st_size < 0.6 * (fp16_export / "model.onnx").stat().st_size
-    from tl_deploy.export.metadata import read_onnx_metadata
+    from tl_deploy.formats.metadata import read_onnx_metadata
 
     assert read_onnx_metadata(str(fp16_export / FP16_FILE)).precision == "fp16"
 

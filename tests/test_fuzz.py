@@ -30,8 +30,8 @@ from tl_deploy.artifact import load_artifact
 from tl_deploy.checkpoint import Checkpointer
 from tl_deploy.cli import Range
 from tl_deploy.errors import TlDeployError
-from tl_deploy.export.metadata import OnnxMetadata
-from tl_deploy.export.tensorrt import check_sidecar
+from tl_deploy.formats.engine_sidecar import check_sidecar
+from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.preprocess import PreprocessSpec
 
 EXAMPLES = int(os.environ.get("TL_DEPLOY_FUZZ_EXAMPLES", "60"))

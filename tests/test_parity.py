@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export import ExportOptions, export_artifact
-from tl_deploy.export.metadata import embed_metadata, read_onnx_metadata
+from tl_deploy.formats.metadata import embed_metadata, read_onnx_metadata
 from tl_deploy.parity import (
     DEFAULT_TOLERANCES,
     Tolerance,
@@ -26,7 +26,7 @@ from tl_deploy.parity import (
 )
 from tl_deploy.preprocess import PreprocessSpec
 from tl_deploy.runtime.catalog import export_backend_name, parse_backends, resolve_backends
-from tl_deploy.runtime.catalog import tensorrt_problem as find_tensorrt_problem
+from tl_deploy.runtime.gpu import tensorrt_problem as find_tensorrt_problem
 
 
 def _broken_copy(export_dir: Path, tmp_path: Path) -> Path:

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from tl_deploy.artifact import load_artifact
 from tl_deploy.errors import DataError, ExportError
 from tl_deploy.export import ExportOptions, export_artifact
-from tl_deploy.export.metadata import OnnxMetadata, read_onnx_metadata
+from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
 from tl_deploy.export.onnx import torch_to_onnx
 from tl_deploy.export.quantize import (
     QuantizationConfig,

@@ -30,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from tl_deploy.errors import ArtifactError, DataError, TlDeployError
 from tl_deploy.fileio import read_json
+from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest
+from tl_deploy.formats.names import ARTIFACT_CONFIG, EXPORT_MANIFEST
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, open_image
 
 _logger = logging.getLogger(__name__)
@@ -39,8 +41,7 @@ MODEL_ENV = "TL_DEPLOY_MODEL"  # model path for the page when no --model is give
 DATA_ROOTS_ENV = "TL_DEPLOY_DATA_ROOTS"  # server folders the page may read, os.pathsep-separated, when no --data-root
 EXPORT_ROOT = Path("export")  # where `python -m tl_deploy.export` writes by default
 MODELS_ROOT = Path("models")  # where `python -m tl_deploy.finetune` writes by default
-EXPORT_MANIFEST = "export.json"
-ARTIFACT_CONFIG = "config.json"
+BACKEND_LABELS = {"tensorrt": "TensorRT", "onnxruntime": "ONNX Runtime", "torch": "PyTorch"}  # the page's words
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: a large photo; decoding more could exhaust the server's memory
@@ -165,7 +166,7 @@ def model_stamp(path: Path) -> float:
 @functools.cache
 def backends_here() -> tuple[bool, bool, bool]:
     """(TensorRT usable, onnxruntime CUDA provider, torch installed): probed once per process."""
-    from tl_deploy.runtime import ort_gpu_available, tensorrt_available
+    from tl_deploy.runtime.gpu import ort_gpu_available, tensorrt_available
 
     return tensorrt_available(), ort_gpu_available(), torch_available()
 
@@ -210,9 +211,9 @@ def source_artifact(model: Path) -> Path | None:
     """The model artifact an export folder came from, when it is still on disk."""
     if (model / ARTIFACT_CONFIG).is_file():
         return model
-    if not (model / EXPORT_MANIFEST).is_file():
+    if not is_export_folder(model):
         return None
-    raw = (_read_json(model / EXPORT_MANIFEST).get("source") or {}).get("path")
+    raw = (read_export_manifest(model).get("source") or {}).get("path")
     if not raw:
         return None
     for candidate in (Path(raw), model.parent.parent / raw):  # as written (cwd-relative), or from the repo root
@@ -227,16 +228,11 @@ def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool) -> list
         return [Engine(f"{model.suffix[1:]} file", model, "auto")]
     if (model / ARTIFACT_CONFIG).is_file():
         return [Engine("PyTorch", model, "torch")]
-    files = [f for f in _read_json(model / EXPORT_MANIFEST).get("files", [])
-             if f.get("status") == "ok" and f.get("input_layout", "float32_nchw") == "float32_nchw"]
+    from tl_deploy.runtime import export_choices
+
     engines = [Engine("fastest available", model, "auto")]
-    if tensorrt_ok:
-        for precision in ("int8", "fp16", "fp32"):
-            if any(f.get("kind") == "engine" and f.get("precision") == precision for f in files):
-                engines.append(Engine(f"TensorRT {precision.upper()}", model, "tensorrt", precision))
-    for precision in ("int8", "fp16", "fp32"):
-        if any(f.get("kind") == "onnx" and f.get("precision") == precision for f in files):
-            engines.append(Engine(f"ONNX Runtime {precision.upper()}", model, "onnxruntime", precision))
+    for backend, precision in export_choices(model, tensorrt_ok=tensorrt_ok):
+        engines.append(Engine(f"{BACKEND_LABELS[backend]} {precision.upper()}", model, backend, precision))
     artifact = source_artifact(model)
     if torch_ok and artifact is not None:
         engines.append(Engine("PyTorch", artifact, "torch"))
@@ -554,7 +550,7 @@ def read_model_card(model: str | os.PathLike[str]) -> ModelCard:
     kind = "file" if model.is_file() else "artifact" if (model / ARTIFACT_CONFIG).is_file() else "export"
     card = ModelCard(path=model, kind=kind, artifact=None if kind == "file" else source_artifact(model))
     if kind == "export":
-        manifest = _read_json(model / EXPORT_MANIFEST)
+        manifest = read_export_manifest(model)
         card.files = [dict(f) for f in manifest.get("files", [])]
         card.created = str(manifest.get("created", ""))
         card.architecture = str((manifest.get("source") or {}).get("architecture", ""))

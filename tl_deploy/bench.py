@@ -43,9 +43,11 @@ from tl_deploy.cli import (
 )
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
+from tl_deploy.formats.export_manifest import read_export_manifest
 from tl_deploy.reports import format_table
-from tl_deploy.runtime.base import Classifier
 from tl_deploy.runtime.catalog import open_backend, parse_backends, resolve_backends
+from tl_deploy.runtime.classifier import Classifier
+from tl_deploy.runtime.gpu import cuda_problem, tensorrt_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -211,12 +213,10 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
     """Time ``backends`` of ``model_dir`` / ``export_dir`` in one interleaved run.
 
     ``verify``: check the artifact's manifest and each export file's sha256 before timing it."""
-    from tl_deploy.parity import read_export_manifest
     from tl_deploy.preprocess import prepare
-    from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    manifest = read_export_manifest(export_dir, model_dir)
+    manifest = read_export_manifest(export_dir, model_dir=model_dir)
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if threads < 1:
         raise TlDeployError(f"Invalid --threads {threads}: choose 1 or more.")
@@ -286,7 +286,7 @@ def throughput_png(report: BenchReport) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tl_deploy.reports import _png
+    from tl_deploy.reports import png_bytes
 
     groups = list(report.timings)
     names = sorted({name for rows in report.timings.values() for name in rows},
@@ -303,7 +303,7 @@ def throughput_png(report: BenchReport) -> bytes:
     ax.set_title(f"{Path(report.model_dir).name}: {report.device}, {report.threads} thread(s)")
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def report_paths(stem: Path) -> tuple[Path, Path]:

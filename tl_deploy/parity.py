@@ -3,8 +3,9 @@
     python -m tl_deploy.parity models/<run> [--export export/<run>] [--data DIR --split test]
                                [--backends onnx-fp32,onnx-int8] [--atol 1e-3] [--max-acc-drop int8=1.0]
 
-The images of one split are preprocessed once (per distinct ``PreprocessSpec``, normally one) and
-the same arrays go to PyTorch and to every backend of the export folder. For each backend: max and
+Two steps, as Polygraphy's comparator: ``run(candidates, batches)`` runs every backend on the same
+images (preprocessed once per distinct ``PreprocessSpec``, normally one) and returns their logits;
+``compare(results, tolerances)`` judges them against PyTorch's. For each backend: max and
 mean |logit difference|, max |probability difference|, top-1 agreement with PyTorch, accuracy and
 its delta, the images that disagree, and one ``PASSED | ...`` / ``FAILED | ...`` / ``SKIPPED | ...``
 line. A JSON and a Markdown report are written next to the export folder; the exit code is 1 when
@@ -18,7 +19,7 @@ import datetime as _dt
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.cli import FRACTION, POSITIVE_INT, OneLineParser, add_verbose, run_cli, torch_device_arg
-from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
-from tl_deploy.export.metadata import OnnxMetadata
+from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import atomic_write_json, atomic_write_text, check_report_path
+from tl_deploy.formats.export_manifest import read_export_manifest
+from tl_deploy.formats.metadata import OnnxMetadata
+from tl_deploy.formats.names import PRECISIONS
 from tl_deploy.preprocess import PreprocessSpec, prepare
 from tl_deploy.reports import format_table
-from tl_deploy.runtime.base import softmax
 from tl_deploy.runtime.catalog import (
     EXPORT_BACKENDS,
     BackendChoice,
@@ -39,10 +41,11 @@ from tl_deploy.runtime.catalog import (
     parse_backends,
     resolve_backends,
 )
+from tl_deploy.runtime.classifier import Classifier, softmax
+from tl_deploy.runtime.gpu import cuda_problem, tensorrt_problem
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DISAGREEMENTS_SHOWN = 20  # per backend in the Markdown report (the JSON has them all)
 
 
@@ -273,19 +276,6 @@ class ParityReport:
         return "\n".join(lines) + "\n"
 
 
-def read_export_manifest(export_dir: Path, model_dir: Path) -> dict[str, Any]:
-    """The export folder's ``export.json``, or a clear error saying how to make one."""
-    from tl_deploy.runtime import EXPORT_MANIFEST
-    from tl_deploy.runtime import read_export_manifest as read_checked
-
-    if not (export_dir / EXPORT_MANIFEST).is_file():
-        raise ArtifactError(
-            f"Export folder not found: {export_dir} (no {EXPORT_MANIFEST}). Run python -m tl_deploy.export "
-            f"{model_dir} --int8, or pass --export DIR."
-        )
-    return read_checked(export_dir)
-
-
 def load_samples(data: Path, split: str, class_names: Sequence[str], limit: int | None,
                  training: Any = None, val_split: float | None = None) -> list[tuple[Path, int]]:
     """(path, model's class index) of one split; ``limit``: an evenly spaced subset. ``training`` (the
@@ -319,6 +309,135 @@ def preprocess_all(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
     return batch
 
 
+class Batches:
+    """The split's images, preprocessed once per distinct ``PreprocessSpec`` (normally one), the same
+    arrays for PyTorch and every backend: each backend gets the input its own metadata asks for, so
+    a wrong spec there shows in the numbers too."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self._arrays: dict[PreprocessSpec, np.ndarray] = {}
+
+    def for_spec(self, spec: PreprocessSpec) -> np.ndarray:
+        """(N, 3, H, W) float32 of every image, prepared as ``spec`` says (computed on first use)."""
+        if spec not in self._arrays:
+            self._arrays[spec] = preprocess_all(self.paths, spec)
+        return self._arrays[spec]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backend to run: what it is, and how to open it (a loader, called by ``run``)."""
+
+    choice: BackendChoice
+    open: Callable[[], Classifier]
+
+
+@dataclass
+class RunResult:
+    """One backend's logits on the shared batch, or why it has none (``run``'s output, not judged yet)."""
+
+    name: str
+    precision: str
+    file: str | None
+    status: str  # "ran", "skipped" (cannot run here) or "failed" (broken file, failed inference)
+    reason: str = ""
+    logits: np.ndarray | None = None  # (N, C)
+    metadata: OnnxMetadata | None = None  # the backend's own metadata
+    device: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every backend is compared with: PyTorch's logits on the same images, and their labels."""
+
+    logits: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,) the model's class index of each image
+    names: list[str]  # image paths, for the disagreements
+    metadata: OnnxMetadata  # the artifact's
+    info: dict[str, Any]  # backend, device, accuracy, seconds: the report's "reference"
+
+
+def run_one(candidate: Candidate, batches: Batches) -> RunResult:
+    """Open one backend, run the batch its metadata asks for, close it."""
+    choice = candidate.choice
+    result = RunResult(choice.name, choice.precision, choice.file, "skipped", reason=choice.skip_reason)
+    if not choice.runnable:
+        return result
+    start = time.perf_counter()
+    try:
+        clf = candidate.open()
+    except BackendUnavailableError as exc:
+        result.reason = str(exc)
+        return result
+    except TlDeployError as exc:  # a file that does not load is a broken export
+        result.status, result.reason = "failed", str(exc)
+        return result
+    with clf:
+        result.metadata, result.device = clf.metadata, clf.device
+        try:
+            result.logits = clf.infer(batches.for_spec(clf.spec))  # (N, C)
+        except TlDeployError as exc:
+            result.status, result.reason = "failed", f"inference failed: {exc}"
+            return result
+    result.status, result.reason, result.seconds = "ran", "", time.perf_counter() - start
+    return result
+
+
+def run(candidates: Sequence[Candidate], batches: Batches) -> list[RunResult]:
+    """Run every backend on the same images, one after the other (step 1 of 2: nothing is judged here)."""
+    results = []
+    for candidate in candidates:
+        results.append(run_one(candidate, batches))
+        _logger.debug("%s: %s %s", results[-1].name, results[-1].status, results[-1].reason)
+    return results
+
+
+def compare_one(result: RunResult, reference: Reference, tolerance: Tolerance) -> BackendResult:
+    """Judge one backend's run against the reference with its precision's tolerance."""
+    head = (result.name, result.precision, result.file)
+    if result.status == "skipped":
+        return BackendResult(*head, "skipped", reason=result.reason)
+    if result.status == "failed" or result.logits is None or result.metadata is None:
+        return BackendResult(*head, "failed", tolerance, reason=result.reason, device=result.device)
+    problems = metadata_problems(result.metadata, reference.metadata)
+    metrics, failures, disagreements = compare_logits(reference.logits, result.logits, reference.labels,
+                                                      reference.names, list(reference.metadata.class_names),
+                                                      tolerance)
+    failures = problems + failures  # the line shows the thresholds itself, then the other problems
+    return BackendResult(*head, "failed" if failures else "passed", tolerance, reason="; ".join(failures),
+                         problems=problems, metrics=metrics, disagreements=disagreements, device=result.device,
+                         seconds=result.seconds)
+
+
+def compare(results: Sequence[RunResult], tolerances: Mapping[str, Tolerance], *,
+            reference: Reference) -> list[BackendResult]:
+    """Judge every run against the reference (step 2 of 2): one PASSED/FAILED/SKIPPED result each."""
+    return [compare_one(result, reference, tolerances[result.precision]) for result in results]
+
+
+def run_reference(clf: Classifier, batches: Batches, labels: np.ndarray) -> Reference:
+    """PyTorch's logits on the split: what every backend is compared with."""
+    start = time.perf_counter()
+    logits = clf.infer(batches.for_spec(clf.spec))  # (N, C)
+    info: dict[str, Any] = {"backend": "torch", "device": clf.device,
+                            "accuracy": float((logits.argmax(1) == labels).mean()),
+                            "seconds": round(time.perf_counter() - start, 2)}
+    _logger.info("torch reference: %d images, accuracy %.2f%% (%.1f s)", len(labels), 100 * info["accuracy"],
+                 info["seconds"])
+    return Reference(logits, labels, [str(p) for p in batches.paths], clf.metadata, info)
+
+
+def _data_dir(data: str | Path | None, config: Mapping[str, Any], model_dir: Path) -> Path:
+    """``--data``, else the data the model was trained on."""
+    if data is None:
+        data = (config.get("training") or {}).get("data")
+        if not data:
+            raise DataError(f"{model_dir}/config.json records no training data: pass --data DIR.")
+    return Path(str(data))
+
+
 def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Path | None = None,
                split: str = "test", backends: Sequence[str] = tuple(EXPORT_BACKENDS),
                tolerance: Mapping[str, Tolerance] = DEFAULT_TOLERANCES, limit: int | None = None,
@@ -329,84 +448,37 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
     ``verify``: check the artifact's manifest and each export file's sha256 (``False``: compare
     modified files deliberately)."""
     from tl_deploy.artifact import read_config
-    from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     bad = [name for name in backends if name not in EXPORT_BACKENDS]
     if bad:
         raise TlDeployError(f"Invalid parity backend(s) {bad}: PyTorch is the reference; compare "
                             f"{', '.join(EXPORT_BACKENDS)}.")
-    manifest = read_export_manifest(export_dir, model_dir)
+    manifest = read_export_manifest(export_dir, model_dir=model_dir)
     config = read_config(model_dir)
-    if data is None:
-        data = (config.get("training") or {}).get("data")
-        if not data:
-            raise DataError(f"{model_dir}/config.json records no training data: pass --data DIR.")
-    data = Path(str(data))
+    data = _data_dir(data, config, model_dir)
     wants_trt = any(name.startswith("trt-") for name in backends)
     choices = resolve_backends(backends, manifest["files"], model_dir=str(model_dir),
                                tensorrt_problem=tensorrt_problem() if wants_trt else None,
                                cuda_problem=cuda_problem() if device.startswith("cuda") else None)
 
     start = time.perf_counter()
-    reference_clf = open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device,
-                                 verify=verify)
-    samples = load_samples(data, split, reference_clf.class_names, limit, config.get("training"), val_split)
-    paths = [path for path, _ in samples]
-    labels = np.array([label for _, label in samples])  # (N,)
-    names = [str(p) for p in paths]
-    inputs = {reference_clf.spec: preprocess_all(paths, reference_clf.spec)}  # one entry unless metadata differs
-    preprocess_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    reference = reference_clf.infer(inputs[reference_clf.spec])  # (N, C)
-    reference_info: dict[str, Any] = {"backend": "torch", "device": reference_clf.device,
-                                      "accuracy": float((reference.argmax(1) == labels).mean()),
-                                      "seconds": round(time.perf_counter() - start, 2)}
-    _logger.info("torch reference: %d images, accuracy %.2f%% (%.1f s)", len(labels),
-                 100 * reference_info["accuracy"], reference_info["seconds"])
+    with open_backend(BackendChoice("torch", "fp32"), model_dir, export_dir, device=device,
+                      verify=verify) as reference_clf:
+        samples = load_samples(data, split, reference_clf.class_names, limit, config.get("training"), val_split)
+        batches = Batches([path for path, _ in samples])
+        batches.for_spec(reference_clf.spec)
+        preprocess_seconds = time.perf_counter() - start
+        reference = run_reference(reference_clf, batches, np.array([label for _, label in samples]))
 
-    results = []
-    for choice in choices:
-        if not choice.runnable:
-            results.append(BackendResult(choice.name, choice.precision, choice.file, "skipped",
-                                         reason=choice.skip_reason))
-            continue
-        results.append(_check_backend(choice, model_dir, export_dir, reference_clf.metadata, reference, labels,
-                                      names, inputs, paths, tolerance[choice.precision], threads, verify))
-        _logger.debug("%s", results[-1].line())
+    def opener(choice: BackendChoice) -> Callable[[], Classifier]:
+        return lambda: open_backend(choice, model_dir, export_dir, threads=threads, verify=verify)
+
+    runs = run([Candidate(choice, opener(choice)) for choice in choices], batches)
+    results = compare(runs, tolerance, reference=reference)
     return ParityReport(model_dir=str(model_dir), export_dir=str(export_dir), data=str(data), split=split,
-                        images=len(labels), reference=reference_info, results=results,
+                        images=len(reference.labels), reference=reference.info, results=results,
                         preprocess_seconds=preprocess_seconds)
-
-
-def _check_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, reference_meta: OnnxMetadata,
-                   reference: np.ndarray, labels: np.ndarray, names: list[str],
-                   inputs: dict[PreprocessSpec, np.ndarray], paths: list[Path], tolerance: Tolerance,
-                   threads: int | None, verify: bool) -> BackendResult:
-    start = time.perf_counter()
-    try:
-        clf = open_backend(choice, model_dir, export_dir, threads=threads, verify=verify)
-    except BackendUnavailableError as exc:
-        return BackendResult(choice.name, choice.precision, choice.file, "skipped", reason=str(exc))
-    except TlDeployError as exc:  # a file that does not load is a broken export
-        return BackendResult(choice.name, choice.precision, choice.file, "failed", tolerance, reason=str(exc))
-    with clf:
-        problems = metadata_problems(clf.metadata, reference_meta)
-        # Each backend gets the input its own metadata asks for: a wrong spec there shows in the numbers too.
-        if clf.spec not in inputs:
-            inputs[clf.spec] = preprocess_all(paths, clf.spec)
-        try:
-            logits = clf.infer(inputs[clf.spec])  # (N, C)
-        except TlDeployError as exc:
-            return BackendResult(choice.name, choice.precision, choice.file, "failed", tolerance,
-                                 reason=f"inference failed: {exc}", device=clf.device)
-        metrics, failures, disagreements = compare_logits(reference, logits, labels, names,
-                                                          list(reference_meta.class_names), tolerance)
-        failures = problems + failures  # the line shows the thresholds itself, then the other problems
-        return BackendResult(choice.name, choice.precision, choice.file, "failed" if failures else "passed",
-                             tolerance, reason="; ".join(failures), problems=problems, metrics=metrics,
-                             disagreements=disagreements,
-                             device=clf.device, seconds=time.perf_counter() - start)
 
 
 def report_paths(export_dir: Path, split: str) -> tuple[Path, Path]:
