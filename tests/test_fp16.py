@@ -13,8 +13,8 @@ import pytest
 
 from tl_deploy.errors import ExportError
 from tl_deploy.export import FP16_TOL, ExportOptions, export_artifact
-from tl_deploy.formats.names import FP16_FILE
 from tl_deploy.export.__main__ import main
+from tl_deploy.formats.names import FP16_FILE
 
 
 @pytest.fixture(scope="module")
