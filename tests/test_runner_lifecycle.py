@@ -1,0 +1,182 @@
+"""Runners with one lifecycle: settings in __init__, resources in activate, checks and timing in the base
+class's infer, release in deactivate; parity as run, then compare."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
+from tl_deploy.runtime.base import InputSpec, Runner, batch_problem
+from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner, load_onnx
+
+
+class Doubler(Runner):
+    """Doubles a (N, 2) float32 batch; counts what it acquired and released."""
+
+    backend_name = "doubler"
+    max_batch = 4
+
+    def __init__(self) -> None:
+        self.acquired = self.released = 0
+
+    def _activate_impl(self) -> None:
+        self.acquired += 1
+
+    def input_spec(self) -> InputSpec | None:
+        return InputSpec("x", np.dtype(np.float32), (None, 2))
+
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        return batch * 2
+
+    def _deactivate_impl(self) -> None:
+        self.released += 1
+
+
+def test_infer_needs_an_active_runner_and_a_with_block_releases_it() -> None:
+    runner = Doubler()
+    assert runner.acquired == 0 and runner.last_inference_time() is None  # __init__ acquires nothing
+    with pytest.raises(TlDeployError, match="is not active: call activate"):
+        runner.infer(np.ones((1, 2), np.float32))
+    with runner:
+        runner.activate()  # a second activate does nothing
+        assert runner.is_active and runner.acquired == 1
+        np.testing.assert_array_equal(runner.infer(np.ones((3, 2), np.float32)), np.full((3, 2), 2.0))
+        assert (runner.last_inference_time() or -1.0) >= 0.0
+    assert not runner.is_active and runner.released == 1
+    runner.close()  # closing twice is harmless
+    assert runner.released == 1
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    (np.ones((2, 2), np.float64), "dtype float64, but input 'x' float32"),
+    (np.ones((2, 2, 1), np.float32), "has 3 dimensions"),
+    (np.ones((2, 3), np.float32), "has 3 on axis 1"),
+    (np.ones((5, 2), np.float32), "batch 5 is over the runner's maximum 4"),
+    (np.ones((0, 2), np.float32), "an empty batch"),
+    ([[1.0, 2.0]], "a numpy array is needed"),
+])
+def test_the_base_class_checks_every_batch(batch: object, message: str) -> None:
+    with Doubler() as runner, pytest.raises(DataError, match=message):
+        runner.infer(batch)  # type: ignore[arg-type]
+
+
+def test_batch_problem_without_a_spec_checks_only_the_batch_axis() -> None:
+    assert batch_problem(np.ones((3, 7)), None) is None
+    assert batch_problem(np.ones((3, 7)), None, max_batch=2) is not None
+
+
+def test_a_runner_dropped_while_active_warns_and_releases() -> None:
+    runner = Doubler()
+    runner.activate()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.__del__()
+    assert [w.category for w in caught] == [ResourceWarning] and "never deactivated" in str(caught[0].message)
+    assert runner.released == 1 and not runner.is_active
+    del runner
+    gc.collect()
+
+
+def _plain_graph(path: Path | None = None) -> bytes:
+    """A graph with no tl_deploy metadata: (N, 5, 4) float32 -> its mean over the last axis, (N, 5)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2], keepdims=0)
+    graph = helper.make_graph([node], "prefix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    if path is not None:
+        onnx.save(model, str(path))
+    return model.SerializeToString()
+
+
+def test_onnxruntime_runner_runs_a_plain_graph_from_memory_or_a_file(tmp_path: Path) -> None:
+    x = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
+    with OnnxRuntimeRunner(_plain_graph(), providers=["CPUExecutionProvider"], threads=1, spin=False) as runner:
+        np.testing.assert_allclose(runner.infer(x), x.mean(axis=2), rtol=1e-6)
+        assert runner.input_spec() == InputSpec("x", np.dtype(np.float32), (None, 5, 4))
+        with pytest.raises(DataError, match="has 3 on axis 1"):
+            runner.infer(np.ones((2, 3, 4), np.float32))
+    assert runner.session is None  # released
+    path = tmp_path / "prefix.onnx"
+    _plain_graph(path)
+    with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]) as runner:
+        assert runner.infer(x).shape == (2, 5)
+    # The metadata check is the loader's: a tl_deploy classifier needs its metadata.
+    with pytest.raises(ArtifactError, match="has no tl_deploy metadata"):
+        load_onnx(path)
+
+
+def test_onnxruntime_runner_acquires_nothing_until_activated(tmp_path: Path) -> None:
+    runner = OnnxRuntimeRunner(tmp_path / "missing.onnx")  # settings only: the file is looked at in activate
+    assert runner.session is None and not runner.is_active
+    with pytest.raises(ArtifactError, match="ONNX file not found"):
+        runner.activate()
+    assert not runner.is_active
+    with pytest.raises(BackendUnavailableError, match="Invalid threads=0"):
+        OnnxRuntimeRunner(tmp_path / "missing.onnx", threads=0)
+
+
+def test_classifier_activates_its_runner_and_close_releases_it(export_dir: Path) -> None:
+    clf = load_onnx(export_dir / "model.onnx")
+    assert clf.runner.is_active and clf.precision == "fp32"
+    with clf:
+        pass
+    assert not clf.runner.is_active
+
+
+def test_torch_reference_computes_in_true_fp32() -> None:
+    torch = pytest.importorskip("torch")
+    from tl_deploy.runtime.torch_backend import strict_fp32
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with strict_fp32(torch):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------- parity: run, then compare
+
+
+def test_parity_runs_then_compares(export_dir: Path, tiny_data: Path) -> None:
+    from tl_deploy.parity import DEFAULT_TOLERANCES, Batches, Candidate, Reference, compare, run
+    from tl_deploy.runtime.catalog import BackendChoice
+
+    batches = Batches(sorted((tiny_data / "test").rglob("*.png"))[:6])
+    reference_clf = load_onnx(export_dir / "model.onnx")
+    with reference_clf:
+        logits = reference_clf.infer(batches.for_spec(reference_clf.spec))
+    labels = logits.argmax(1)
+    reference = Reference(logits, labels, [str(p) for p in batches.paths], reference_clf.metadata, {})
+
+    def unavailable() -> object:
+        raise BackendUnavailableError("no GPU here")
+
+    def broken() -> object:
+        raise ArtifactError("model.int8.onnx was modified")
+
+    candidates = [
+        Candidate(BackendChoice("onnx-fp32", "fp32", "model.onnx"), lambda: load_onnx(export_dir / "model.onnx")),
+        Candidate(BackendChoice("trt-fp32", "fp32", "model.fp32.engine"), unavailable),  # type: ignore[arg-type]
+        Candidate(BackendChoice("onnx-int8", "int8", "model.int8.cpu.onnx"), broken),  # type: ignore[arg-type]
+        Candidate(BackendChoice("onnx-fp16", "fp16", skip_reason="not in the export folder"), broken),  # type: ignore[arg-type]
+    ]
+    runs = run(candidates, batches)  # step 1: logits, nothing judged
+    assert [r.status for r in runs] == ["ran", "skipped", "failed", "skipped"]
+    assert runs[0].logits is not None and runs[0].logits.shape == logits.shape
+    results = compare(runs, DEFAULT_TOLERANCES, reference=reference)  # step 2: the verdicts
+    assert [r.status for r in results] == ["passed", "skipped", "failed", "skipped"]
+    assert results[0].metrics["max_abs_logit_diff"] <= 1e-6 and results[0].line().startswith("PASSED | onnx-fp32")
+    assert "no GPU here" in results[1].line() and "was modified" in results[2].line()
+    runs[0].logits = runs[0].logits[:, ::-1].copy()  # the same run, judged again: now it disagrees
+    assert compare(runs[:1], DEFAULT_TOLERANCES, reference=reference)[0].status == "failed"
