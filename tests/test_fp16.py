@@ -57,7 +57,8 @@ def test_fp16_runs_on_onnxruntime_close_to_fp32(fp16_export: Path, tiny_data: Pa
 
 
 def test_parity_holds_onnx_fp16_to_fp16_tolerances(tiny_artifact: Path, fp16_export: Path, tiny_data: Path) -> None:
-    from tl_deploy.parity import DEFAULT_TOLERANCES, run_parity
+    from tl_deploy.comparison import DEFAULT_TOLERANCES
+    from tl_deploy.parity import run_parity
 
     report = run_parity(tiny_artifact, fp16_export, data=tiny_data, backends=["onnx-fp16"], threads=1)
     (result,) = report.results

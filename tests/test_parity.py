@@ -11,19 +11,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tl_deploy.comparison import DEFAULT_TOLERANCES, Tolerance, compare_logits, parse_overrides, tolerances
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export import ExportOptions, export_artifact
 from tl_deploy.formats.metadata import embed_metadata, read_onnx_metadata
-from tl_deploy.parity import (
-    DEFAULT_TOLERANCES,
-    Tolerance,
-    compare_logits,
-    main,
-    parse_overrides,
-    report_paths,
-    run_parity,
-    tolerances,
-)
+from tl_deploy.parity import main, report_paths, run_parity
 from tl_deploy.preprocess import PreprocessSpec
 from tl_deploy.runtime.catalog import export_backend_name, parse_backends, resolve_backends
 from tl_deploy.runtime.gpu import tensorrt_problem as find_tensorrt_problem

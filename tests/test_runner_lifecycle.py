@@ -149,7 +149,8 @@ def test_torch_reference_computes_in_true_fp32() -> None:
 
 
 def test_parity_runs_then_compares(export_dir: Path, tiny_data: Path) -> None:
-    from tl_deploy.parity import DEFAULT_TOLERANCES, Batches, Candidate, Reference, compare, run
+    from tl_deploy.comparison import DEFAULT_TOLERANCES, Reference, compare
+    from tl_deploy.parity import Batches, Candidate, run
     from tl_deploy.runtime.catalog import BackendChoice
 
     batches = Batches(sorted((tiny_data / "test").rglob("*.png"))[:6])
