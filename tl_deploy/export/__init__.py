@@ -135,11 +135,9 @@ def resolve_calibration_dir(model_dir: Path, config: dict[str, Any], calib_data:
 
 def _onnx_parity(proto_path: Path, model: Any, batch: np.ndarray) -> float:
     """Max |logit| difference between onnxruntime and torch on ``batch`` (N, 3, H, W)."""
-    import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(proto_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    onnx_out = _onnx_logits(proto_path, batch)
     with torch.inference_mode():
         torch_out = model(torch.from_numpy(batch)).numpy()
     return float(np.abs(onnx_out - torch_out).max())
@@ -147,13 +145,10 @@ def _onnx_parity(proto_path: Path, model: Any, batch: np.ndarray) -> float:
 
 def _onnx_logits(path: Path, batch: np.ndarray, *, as_written: bool = False) -> np.ndarray:
     """(N, C) logits of an ONNX file on onnxruntime's CPU provider; ``as_written``: no graph fusion."""
-    import onnxruntime as ort
+    from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
-    options = ort.SessionOptions()
-    if as_written:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float32)
+    with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], optimize=not as_written) as runner:
+        return runner.infer(batch)
 
 
 def _check_fp16_onnx(fp16: Path, fp32: Path, batch: np.ndarray, what: str) -> str:
@@ -202,17 +197,8 @@ def _top1_agreement(int8_path: Path, fp32_path: Path, batch: np.ndarray, exact_i
     ``exact_integer`` disables onnxruntime's QDQ fusion, so Q/DQ run as written: the arithmetic
     TensorRT performs for an explicitly quantized graph.
     """
-    import onnxruntime as ort
-
-    def top1(path: Path, level: Any) -> np.ndarray:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0]).argmax(1)
-
-    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact_integer else \
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return float((top1(int8_path, level) == top1(fp32_path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)).mean())
+    int8_top1 = _onnx_logits(int8_path, batch, as_written=exact_integer).argmax(1)
+    return float((int8_top1 == _onnx_logits(fp32_path, batch).argmax(1)).mean())
 
 
 def _finish(row: ExportRow, path: Path) -> ExportRow:
