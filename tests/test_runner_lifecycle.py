@@ -4,6 +4,7 @@ class's infer, release in deactivate; parity as run, then compare."""
 from __future__ import annotations
 
 import gc
+import json
 import warnings
 from pathlib import Path
 
@@ -181,3 +182,174 @@ def test_parity_runs_then_compares(export_dir: Path, tiny_data: Path) -> None:
     assert "no GPU here" in results[1].line() and "was modified" in results[2].line()
     runs[0].logits = runs[0].logits[:, ::-1].copy()  # the same run, judged again: now it disagrees
     assert compare(runs[:1], DEFAULT_TOLERANCES, reference=reference)[0].status == "failed"
+
+
+# --------------------------------------------------------------------------- TensorRT, on stand-ins
+
+
+class _FakeCudart:
+    """cuda-python's runtime on one fake GPU: device memory is bytearrays; records mallocs and frees."""
+
+    class cudaMemcpyKind:  # noqa: N801  (cuda-python's name)
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = "h2d", "d2h"
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}
+        self.freed: list[int] = []
+        self.streams = 0
+
+    def cudaGetDeviceCount(self) -> tuple[int, int]:  # noqa: N802
+        return 0, 1
+
+    def cudaSetDevice(self, device: int) -> tuple[int]:  # noqa: N802
+        return (0,)
+
+    def cudaGetDeviceProperties(self, device: int) -> tuple[int, object]:  # noqa: N802
+        import types
+
+        return 0, types.SimpleNamespace(name=b"Fake GPU", major=9, minor=0)
+
+    def cudaMalloc(self, size: int) -> tuple[int, int]:  # noqa: N802
+        ptr = 1000 + len(self.memory)
+        self.memory[ptr] = bytearray(size)
+        return 0, ptr
+
+    def cudaFree(self, ptr: int) -> tuple[int]:  # noqa: N802
+        self.freed.append(ptr)
+        return (0,)
+
+    def cudaStreamCreate(self) -> tuple[int, int]:  # noqa: N802
+        self.streams += 1
+        return 0, 7
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[int]:  # noqa: N802
+        self.streams -= 1
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: str, stream: int) -> tuple[int]:  # noqa: N802
+        import ctypes
+
+        if kind == "h2d":
+            self.memory[dst][:nbytes] = ctypes.string_at(src, nbytes)
+        else:
+            ctypes.memmove(dst, bytes(self.memory[src][:nbytes]), nbytes)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:  # noqa: N802
+        return (0,)
+
+
+def _fake_tensorrt(cudart: _FakeCudart, classes: int, size: int) -> object:
+    """A ``tensorrt`` module whose engine returns, per image, the first ``classes`` input values."""
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.0.0"  # type: ignore[attr-defined]
+    trt.Builder = object  # type: ignore[attr-defined]  # require_tensorrt's check for a real install
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")  # type: ignore[attr-defined]
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    trt.Logger = Logger  # type: ignore[attr-defined]
+    trt.nptype = lambda dtype: np.float32  # type: ignore[attr-defined]
+
+    class Context:
+        def __init__(self) -> None:
+            self.addresses: dict[str, int] = {}
+            self.n = 0
+
+        def set_tensor_address(self, name: str, ptr: int) -> None:
+            self.addresses[name] = ptr
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            self.n = shape[0]
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return (self.n, classes)
+
+        def execute_async_v3(self, stream: int) -> bool:
+            x = np.frombuffer(bytes(cudart.memory[self.addresses["input"]]), np.float32)[:self.n * 3 * size * size]
+            out = x.reshape(self.n, -1)[:, :classes].astype(np.float32)
+            cudart.memory[self.addresses["logits"]][:out.nbytes] = out.tobytes()
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return ("input", "logits")[i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "input" else "out"
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "float"
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
+            return (1, 3, size, size), (4, 3, size, size), (8, 3, size, size)
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return (-1, 3, size, size) if name == "input" else (-1, classes)
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger: object) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine:
+            return Engine()
+
+    trt.Runtime = Runtime  # type: ignore[attr-defined]
+    return trt
+
+
+def test_tensorrt_runner_acquires_in_activate_and_reads_its_sidecar_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import tl_deploy.runtime.gpu as gpu
+    import tl_deploy.runtime.tensorrt_backend as backend
+    from tl_deploy.fileio import sha256_file
+    from tl_deploy.formats.engine_sidecar import BatchProfile, make_sidecar, sidecar_path
+    from tl_deploy.formats.metadata import OnnxMetadata
+    from tl_deploy.preprocess import PreprocessSpec
+
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(cudart, classes=3, size=4))
+    monkeypatch.setattr(gpu, "import_cudart", lambda: cudart)
+    reads: list[Path] = []
+    real_read = backend.read_sidecar
+    monkeypatch.setattr(backend, "read_sidecar", lambda path: reads.append(Path(path)) or real_read(path))
+    engine = tmp_path / "model.fp32.engine"
+    engine.write_bytes(b"serialized")
+    metadata = OnnxMetadata(class_names=("a", "b", "c"), spec=PreprocessSpec(input_size=4, resize=4),
+                            source_checksum="0" * 64, architecture="fake")
+    sidecar = make_sidecar(env={"tensorrt": "10.0.0", "gpu": "Fake GPU", "compute_capability": "9.0"},
+                           precision="fp32", profile=BatchProfile(1, 4, 8), input_name="input",
+                           input_shape=(-1, 3, 4, 4), workspace_bytes=1, strongly_typed=True, onnx_file="model.onnx",
+                           onnx_sha256="1" * 64, engine_sha256=sha256_file(engine), metadata=metadata,
+                           build_seconds=0.0)
+    sidecar_path(engine).write_text(json.dumps(sidecar))
+
+    runner = backend.TensorRTRunner(engine)
+    assert not cudart.memory and not reads  # settings only
+    with runner:
+        assert len(cudart.memory) == 2 and cudart.streams == 1 and reads == [engine]
+        assert runner.metadata == metadata and runner.precision == "fp32" and runner.max_batch == 8
+        x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+        np.testing.assert_array_equal(runner.infer(x), x.reshape(2, -1)[:, :3])
+        with pytest.raises(DataError, match="over the runner's maximum 8"):
+            runner.infer(np.zeros((9, 3, 4, 4), np.float32))
+        with pytest.raises(DataError, match="has 5 on axis 2"):
+            runner.infer(np.zeros((1, 3, 5, 4), np.float32))
+    assert sorted(cudart.freed) == sorted(cudart.memory) and cudart.streams == 0  # everything released
+    clf = backend.load_engine(engine)
+    assert clf.class_names == ["a", "b", "c"] and clf.device.startswith("cuda:0 (Fake GPU)")
+    clf.close()
