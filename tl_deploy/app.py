@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tl_deploy.errors import ArtifactError, DataError, TlDeployError
 from tl_deploy.fileio import read_json
 from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest
-from tl_deploy.formats.names import ARTIFACT_CONFIG, EXPORT_MANIFEST
+from tl_deploy.formats.names import ARTIFACT_CONFIG, EXPORT_MANIFEST, parity_report_paths
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, open_image
 
 _logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ MAX_WALK_SECONDS = 10.0  # a server-folder walk stops here, whatever it has foun
 LOOPBACK_NAMES = ("localhost",)
 # What the page's first run and first prediction would otherwise import while a visitor waits
 # (measured: pyarrow for tables, altair for the top-5 chart); imported by the launcher before serving.
-PAGE_IMPORTS = ("pandas", "pyarrow", "altair", "tl_deploy.parity", "tl_deploy.reports")
+PAGE_IMPORTS = ("pandas", "pyarrow", "altair", "tl_deploy.reports")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,9 +539,7 @@ def wait_until_serving(url: str, proc: subprocess.Popen[Any], timeout: float = 1
 
 def parity_report_files(export_dir: Path) -> list[Path]:
     """Where ``python -m tl_deploy.parity`` writes its reports for this export (test split first)."""
-    from tl_deploy.parity import report_paths
-
-    return [path for split in ("test", "val") for path in reversed(report_paths(export_dir, split))]
+    return [path for split in ("test", "val") for path in reversed(parity_report_paths(export_dir, split))]
 
 
 def read_model_card(model: str | os.PathLike[str]) -> ModelCard:

@@ -39,6 +39,7 @@ from tl_deploy.comparison import (
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import atomic_write_json, atomic_write_text, check_report_path
 from tl_deploy.formats.export_manifest import read_export_manifest
+from tl_deploy.formats.names import parity_report_paths
 from tl_deploy.preprocess import PreprocessSpec, prepare
 from tl_deploy.runtime.catalog import (
     EXPORT_BACKENDS,
@@ -209,13 +210,6 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, *, data: str | Pat
                         preprocess_seconds=preprocess_seconds)
 
 
-def report_paths(export_dir: Path, split: str) -> tuple[Path, Path]:
-    """``export/<run>.parity-<split>.json`` and ``.md``: next to the export folder, not inside it."""
-    folder = export_dir if export_dir.name not in ("", ".", "..") else export_dir.resolve()
-    stem = folder.parent / f"{folder.name}.parity-{split}"
-    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
-
-
 def write_report(report: ParityReport, json_path: Path, md_path: Path) -> None:
     atomic_write_json(json_path, report.to_dict())
     atomic_write_text(md_path, report.to_markdown())
@@ -258,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          min_agreement=parse_overrides(args.min_agreement, "--min-agreement", low=0.0, high=100.0))
         backends = parse_backends(args.backends)
         export_dir = args.export or Path("export") / args.model_dir.resolve().name
-        json_path, md_path = report_paths(export_dir, args.split)
+        json_path, md_path = parity_report_paths(export_dir, args.split)
         if args.report is not None:
             json_path, md_path = (args.report.parent / f"{args.report.name}.{ext}" for ext in ("json", "md"))
         for path, content in ((json_path, "json"), (md_path, "md")):

@@ -1,10 +1,12 @@
 """Names that files written by one part of tl_deploy and read by another must agree on.
 
-Pure constants (and two small functions of them): file names in a model artifact and an export
+Pure constants (and small functions of them): file names in a model artifact and an export
 folder, the tensor names of the exported graphs, the input layouts and the precision names.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # ---------------------------------------------------------------- input layouts and precisions
 FLOAT_NCHW = "float32_nchw"  # (N, 3, H, W) float32, normalised by the PreprocessSpec
@@ -38,3 +40,10 @@ def engine_file(precision: str) -> str:
     """The file name of a TensorRT engine: ``model.<precision>.engine``."""
     return f"model.{precision}.engine"
 
+
+
+def parity_report_paths(export_dir: Path, split: str) -> tuple[Path, Path]:
+    """``export/<run>.parity-<split>.json`` and ``.md``: next to the export folder, not inside it."""
+    folder = export_dir if export_dir.name not in ("", ".", "..") else export_dir.resolve()
+    stem = folder.parent / f"{folder.name}.parity-{split}"
+    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
