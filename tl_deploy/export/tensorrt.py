@@ -1,10 +1,11 @@
-"""ONNX -> TensorRT engine, plus the JSON sidecar (``formats.engine_sidecar``) that says where it may run.
+"""ONNX -> TensorRT engine, plus the JSON sidecar that says where the engine may run.
 
 Written against the TensorRT 10 Python API (type-checked with ``tensorrt-stubs``) and using only
 what TensorRT 11 kept (checked against the 11.x bindings by ``tests/test_tensorrt_api.py``). A
 serialized engine only loads on the TensorRT version and GPU model it was built with, so every
-engine gets a sidecar ``<engine>.json``; ``check_sidecar`` is a pure function of that dict and the
-current environment, and refuses foreign or tampered engines with a message that says how to rebuild.
+engine gets a sidecar ``<engine>.json``, written here with ``formats.engine_sidecar.make_sidecar``
+and checked where it is loaded (``check_sidecar``). What this machine has (TensorRT, cuda-python,
+the GPU) is probed by ``runtime.gpu``.
 
 Precision is a property of the ONNX file, as NVIDIA recommends since TensorRT 10 and requires from
 TensorRT 11 (which removed ``BuilderFlag.FP16/INT8`` and weakly typed networks): every engine is
