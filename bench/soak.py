@@ -281,7 +281,7 @@ def run_phase(target: dict[str, Any], data: Path, seconds: float, warmup: float,
 
 def export_files(folder: Path) -> list[str]:
     """The ONNX files of an export folder that onnxruntime runs on float NCHW input, as export.json lists them."""
-    return [str(f["file"]) for f in usable_files(read_export_manifest(folder)) if f.get("kind") == "onnx"]
+    return [str(f["file"]) for f in usable_files(read_export_manifest(folder)["files"]) if f.get("kind") == "onnx"]
 
 
 def plan_phases(models: list[str], precisions: list[str] | None, mixed: bool) -> list[dict[str, Any]]:

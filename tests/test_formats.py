@@ -112,7 +112,7 @@ def test_usable_files_and_the_written_manifest() -> None:
     manifest = make_export_manifest(tl_deploy_version="0", source={}, metadata={}, options={}, versions={},
                                     files=files)
     assert manifest["format"] == MANIFEST_FORMAT and manifest["format_version"] == 1
-    assert [f["file"] for f in usable_files(manifest)] == ["model.onnx"]
+    assert [f["file"] for f in usable_files(manifest["files"])] == ["model.onnx"]
 
 
 def test_export_choices_are_what_load_can_pick(export_dir: Path) -> None:

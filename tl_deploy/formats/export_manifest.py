@@ -72,11 +72,11 @@ def listed_files(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [f for f in manifest["files"] if isinstance(f, Mapping)]
 
 
-def usable_files(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The entries a runtime may pick by itself: exported fine, with float32 NCHW input (a
+def usable_files(files: Sequence[Any]) -> list[Mapping[str, Any]]:
+    """The file entries a runtime may pick by itself: exported fine, with float32 NCHW input (a
     baked-preprocess file is loaded by path only)."""
-    return [f for f in listed_files(manifest)
-            if f.get("status") == "ok" and f.get("input_layout", FLOAT_NCHW) == FLOAT_NCHW]
+    return [f for f in files if isinstance(f, Mapping) and f.get("status") == "ok"
+            and f.get("input_layout", FLOAT_NCHW) == FLOAT_NCHW]
 
 
 def export_file(folder: Path, name: str, manifest: Mapping[str, Any], *, verify: bool = True) -> Path:

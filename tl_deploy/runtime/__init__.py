@@ -87,7 +87,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
     if precision not in LOAD_PRECISIONS:
         raise TlDeployError(f"Invalid precision {precision!r}. Only {', '.join(LOAD_PRECISIONS)} exist.")
-    usable = usable_files({"files": files})
+    usable = usable_files(files)
     engines = [f for f in usable if f.get("kind") == "engine"]
     onnx_files = [f for f in usable if f.get("kind") == "onnx"]
     if backend == "torch":
@@ -132,7 +132,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
 def export_choices(folder: Path, *, tensorrt_ok: bool) -> list[tuple[str, str]]:
     """The (backend, precision) pairs ``load(folder, backend, precision=...)`` can run here: TensorRT
     engines first when ``tensorrt_ok``, then onnxruntime files; INT8 > FP16 > FP32 within each."""
-    files = usable_files(read_export_manifest(folder))
+    files = usable_files(read_export_manifest(folder)["files"])
     kinds = ([("tensorrt", "engine")] if tensorrt_ok else []) + [("onnxruntime", "onnx")]
     return [(backend, precision) for backend, kind in kinds for precision in FASTEST_FIRST
             if any(f.get("kind") == kind and f.get("precision") == precision for f in files)]
