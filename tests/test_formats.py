@@ -126,10 +126,10 @@ def test_the_app_library_reads_formats_and_runtime_only(app_export: Path) -> Non
     """The app's model list, engine switch and model card come from formats and the runtime."""
     modules = _imported_after(
         "from pathlib import Path\n"
-        "from tl_deploy import app\n"
+        "from tl_deploy import app, model_card\n"
         f"model = Path({str(app_export)!r})\n"
-        "assert [e.label for e in app.available_engines(model, tensorrt_ok=False, torch_ok=False)][:2] == "
+        "assert [e.label for e in model_card.available_engines(model, tensorrt_ok=False, torch_ok=False)][:2] == "
         "['fastest available', 'ONNX Runtime INT8']\n"
-        "assert app.read_model_card(model).files"
+        "assert model_card.read_model_card(model).files"
     )
     assert not _offending(modules, HEAVY + TRAINING_OR_EXPORT + ("tl_deploy.parity", "tl_deploy.comparison"))

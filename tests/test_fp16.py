@@ -67,7 +67,7 @@ def test_parity_holds_onnx_fp16_to_fp16_tolerances(tiny_artifact: Path, fp16_exp
 
 
 def test_catalog_bench_and_app_know_onnx_fp16(fp16_export: Path, tiny_artifact: Path, tiny_data: Path) -> None:
-    from tl_deploy import app as lib
+    from tl_deploy import model_card
     from tl_deploy.bench import DEFAULT_BACKENDS
     from tl_deploy.runtime.catalog import export_backend_name, resolve_backends
 
@@ -75,7 +75,7 @@ def test_catalog_bench_and_app_know_onnx_fp16(fp16_export: Path, tiny_artifact: 
     assert export_backend_name({"kind": "onnx", "precision": "fp16", "input_layout": "float32_nchw"}) == "onnx-fp16"
     (missing,) = resolve_backends(["onnx-fp16"], [], model_dir="models/m", tensorrt_problem=None, cuda_problem=None)
     assert "python -m tl_deploy.export models/m --fp16" in missing.skip_reason
-    labels = [e.label for e in lib.available_engines(fp16_export, tensorrt_ok=False, torch_ok=False)]
+    labels = [e.label for e in model_card.available_engines(fp16_export, tensorrt_ok=False, torch_ok=False)]
     assert "ONNX Runtime FP16" in labels
 
 
