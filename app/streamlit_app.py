@@ -21,6 +21,8 @@ import pandas as pd
 import streamlit as st
 
 from tl_deploy import app as lib
+from tl_deploy import model_card as cards
+from tl_deploy import uploads as reading
 from tl_deploy.errors import TlDeployError
 from tl_deploy.preprocess import denormalize, prepare
 from tl_deploy.runtime import Classifier
@@ -45,7 +47,7 @@ def page_args() -> argparse.Namespace:
 def get_classifier(path: str, backend: str, precision: str, mtime: float) -> Classifier:
     """Loaded once per (model, backend, precision, file time) and shared by every session; the launcher's
     warmed one when it matches."""
-    return lib.load_warm(Path(path), backend, precision)  # type: ignore[no-any-return]
+    return cards.load_warm(Path(path), backend, precision)  # type: ignore[no-any-return]
 
 
 def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[list[str], np.ndarray, float]:
@@ -59,12 +61,12 @@ def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[li
 # folder), so a value coming back from the browser can only mean the entry that was shown.
 
 st.title("Classify images")
-trt_ok, ort_gpu, torch_ok = lib.backends_here()
+trt_ok, ort_gpu, torch_ok = cards.backends_here()
 args = page_args()
-choices = {c.key: c for c in lib.model_choices(Path(args.model) if args.model else None)}
+choices = {c.key: c for c in cards.model_choices(Path(args.model) if args.model else None)}
 if not choices:
     try:
-        lib.default_model()
+        cards.default_model()
     except TlDeployError as exc:
         st.error(str(exc))
     st.stop()
@@ -76,7 +78,7 @@ with st.sidebar:
                                   "under models/; start with --model PATH for another.")
     model_path = choices[model_key].path
     try:
-        engines = {e.key: e for e in lib.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)}
+        engines = {e.key: e for e in cards.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)}
     except TlDeployError as exc:
         st.error(str(exc))
         st.stop()
@@ -87,10 +89,10 @@ with st.sidebar:
     found = [name for name, ok in (("TensorRT", trt_ok), ("ONNX Runtime CUDA", ort_gpu), ("PyTorch", torch_ok)) if ok]
     st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"]))
     st.caption(f"Uploads up to {st.get_option('server.maxUploadSize')} MB each; images up to "
-               f"{lib.MAX_IMAGE_PIXELS / 1e6:g} MP.")
+               f"{reading.MAX_IMAGE_PIXELS / 1e6:g} MP.")
 
 try:
-    clf = get_classifier(str(engine.path.resolve()), engine.backend, engine.precision, lib.model_stamp(engine.path))
+    clf = get_classifier(str(engine.path.resolve()), engine.backend, engine.precision, cards.model_stamp(engine.path))
 except TlDeployError as exc:
     st.error(f"Could not load {engine.path} ({engine.label}): {exc}")
     st.stop()
@@ -98,14 +100,14 @@ others = []
 for other in (engines[k] for k in compare_keys if k in engines):
     try:
         others.append((other, get_classifier(str(other.path.resolve()), other.backend, other.precision,
-                                             lib.model_stamp(other.path))))
+                                             cards.model_stamp(other.path))))
     except TlDeployError as exc:
         st.warning(f"{other.label} not available: {exc}")
 
 st.info(f"Running **{clf.backend_name}** · **{clf.precision}** on {clf.device} · `{Path(clf.source).name}` "
         f"from `{model_path}` · {len(clf.class_names)} classes")
-card = lib.read_model_card(model_path)
-data_roots = [Path(r) for r in args.data_roots] if args.data_roots is not None else lib.default_data_roots(card)
+card = cards.read_model_card(model_path)
+data_roots = [Path(r) for r in args.data_roots] if args.data_roots is not None else cards.default_data_roots(card)
 top_k = min(5, len(clf.class_names))
 
 tab_single, tab_batch, tab_card = st.tabs(["Classify", "Batch", "Model card"])
@@ -116,11 +118,11 @@ tab_single, tab_batch, tab_card = st.tabs(["Classify", "Batch", "Model card"])
 
 
 @st.fragment
-def classify_section(clf: Classifier, engine: lib.Engine, others: list[tuple[lib.Engine, Classifier]]) -> None:
-    uploads = st.file_uploader("Images", type=list(lib.UPLOAD_TYPES), accept_multiple_files=True, key="images",
+def classify_section(clf: Classifier, engine: cards.Engine, others: list[tuple[cards.Engine, Classifier]]) -> None:
+    uploads = st.file_uploader("Images", type=list(reading.UPLOAD_TYPES), accept_multiple_files=True, key="images",
                                help="PNG, JPEG, WebP, BMP...; any colour mode (greyscale, palette, alpha, "
                                     "16-bit, CMYK).")
-    gallery = lib.sample_gallery(card, clf.class_names)
+    gallery = cards.sample_gallery(card, clf.class_names)
     picked: list[str] = []
     if gallery:
         picked = st.multiselect(f"Or samples of the test split ({len(gallery)})", [item.name for item in gallery],
@@ -129,15 +131,15 @@ def classify_section(clf: Classifier, engine: lib.Engine, others: list[tuple[lib
             st.image([str(item.source) for item in gallery], caption=[item.name for item in gallery], width=64)
     show_input = st.toggle("Show what the engine saw (after resize and crop)", key="show_input")
 
-    items = [lib.ImageItem(f.name, f.getvalue()) for f in uploads or []]
+    items = [reading.ImageItem(f.name, f.getvalue()) for f in uploads or []]
     items += [item for item in gallery if item.name in picked]
     if not items:
         st.caption("Upload images or pick samples to classify them.")
-    produced_by = lib.engine_text(clf)
+    produced_by = cards.engine_text(clf)
     for item in items:
         st.divider()
         try:
-            image = lib.read_image(item.source, item.name)
+            image = reading.read_image(item.source, item.name)
             top, probs, ms = predict_timed(clf, image, top_k)
         except TlDeployError as exc:
             st.error(str(exc))
@@ -158,7 +160,7 @@ def classify_section(clf: Classifier, engine: lib.Engine, others: list[tuple[lib
                          "probability": float(probs[0]), "ms": round(ms, 2)}]
                 for other, other_clf in others:
                     o_top, o_probs, o_ms = predict_timed(other_clf, image, 1)
-                    rows.append({"backend": other.label, "engine": lib.engine_text(other_clf),
+                    rows.append({"backend": other.label, "engine": cards.engine_text(other_clf),
                                  "prediction": o_top[0], "probability": float(o_probs[0]), "ms": round(o_ms, 2)})
                 st.dataframe(pd.DataFrame(rows), hide_index=True)
 
@@ -167,22 +169,22 @@ def classify_section(clf: Classifier, engine: lib.Engine, others: list[tuple[lib
 
 
 @st.fragment
-def batch_section(clf: Classifier, engine: lib.Engine, data_roots: list[Path]) -> None:
+def batch_section(clf: Classifier, engine: cards.Engine, data_roots: list[Path]) -> None:
     sources = ["zip file", "folder (upload)"] + (["folder on the server"] if data_roots else [])
     source = st.radio("Images from", sources, horizontal=True, key="batch_source")
     if not data_roots:
         st.caption("Folders on the server: none open (the operator starts the app with --data-root DIR).")
-    batch_items: list[lib.ImageItem] | None = None
+    batch_items: list[reading.ImageItem] | None = None
     try:
         if source == "zip file":
             archive = st.file_uploader("Zip of images (class folders give accuracy)", type=["zip"], key="zip")
             if archive is not None:
-                batch_items = lib.read_zip(archive.getvalue(), clf.class_names)
+                batch_items = reading.read_zip(archive.getvalue(), clf.class_names)
         elif source == "folder (upload)":
-            files = st.file_uploader("Folder of images", type=list(lib.UPLOAD_TYPES),
+            files = st.file_uploader("Folder of images", type=list(reading.UPLOAD_TYPES),
                                      accept_multiple_files="directory", key="folder_upload")
             if files:
-                batch_items = lib.items_from_names([(f.name, f.getvalue()) for f in files], clf.class_names)
+                batch_items = reading.items_from_names([(f.name, f.getvalue()) for f in files], clf.class_names)
         else:
             roots_text = ", ".join(f"`{r}`" for r in data_roots)
             folder = st.text_input("Folder path", key="folder_path",
@@ -190,17 +192,17 @@ def batch_section(clf: Classifier, engine: lib.Engine, data_roots: list[Path]) -
                                         "Class folders (e.g. test) give accuracy.")
             st.caption(f"Data roots: {roots_text}")
             if folder:
-                resolved = lib.resolve_server_folder(folder, data_roots)
-                batch_items = lib.scan_folder(resolved, clf.class_names, roots=data_roots)
+                resolved = reading.resolve_server_folder(folder, data_roots)
+                batch_items = reading.scan_folder(resolved, clf.class_names, roots=data_roots)
     except TlDeployError as exc:
         st.error(str(exc))
     if batch_items:
         key = (source, len(batch_items), engine.key)
         if st.button(f"Classify {len(batch_items)} images", key="run_batch"):
             bar = st.progress(0.0, text="Classifying...")
-            result = lib.classify_items(
+            result = reading.classify_items(
                 clf, batch_items, progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total}"))
-            st.session_state["batch"] = (key, lib.engine_text(clf), result)
+            st.session_state["batch"] = (key, cards.engine_text(clf), result)
         stored = st.session_state.get("batch")
         if stored and stored[0] == key:
             _, produced_by, result = stored

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tl_deploy import app as lib  # noqa: E402
+from tl_deploy import model_card  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -100,10 +101,11 @@ def one_session(browser: Any, url: str, images: list[tuple[Path, str]]) -> dict[
 
 def default_images(model: Path) -> list[tuple[Path, str]]:
     """Two test-split images of different classes, the second class's first."""
-    card = lib.read_model_card(model)
-    names = json.loads((model / lib.EXPORT_MANIFEST).read_text())["metadata"]["class_names"] \
-        if (model / lib.EXPORT_MANIFEST).is_file() else []
-    gallery = lib.sample_gallery(card, names, per_class=1)
+    from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest
+
+    card = model_card.read_model_card(model)
+    names = read_export_manifest(model)["metadata"]["class_names"] if is_export_folder(model) else []
+    gallery = model_card.sample_gallery(card, names, per_class=1)
     if len(gallery) < 2:
         raise SystemExit("error: no test images found next to the model's training data: pass --image PATH.")
     return [(Path(item.source), str(item.true_label)) for item in gallery[:2]]
@@ -122,7 +124,7 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1 or args.warm < 0:
         raise SystemExit("error: --rounds must be >= 1 and --warm >= 0.")
-    model = args.model or lib.default_model()
+    model = args.model or model_card.default_model()
     images = [(args.image, args.label or args.image.parent.name)] * 2 if args.image else default_images(model)
 
     from playwright.sync_api import sync_playwright

@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     args = parser.parse_args()
 
-    from tl_deploy.export.metadata import read_onnx_metadata
+    from tl_deploy.formats.metadata import read_onnx_metadata
     from tl_deploy.parity import load_samples, preprocess_all
 
     metadata = read_onnx_metadata(str(args.onnx))

@@ -116,7 +116,7 @@ if [[ $DRY == 1 ]]; then
 elif TRT_FACT=$("$PYTHON" - <<'EOF'
 import sys
 
-from tl_deploy.runtime.catalog import tensorrt_problem
+from tl_deploy.runtime.gpu import tensorrt_problem
 
 problem = tensorrt_problem()
 if problem:

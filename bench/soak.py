@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tl_deploy.errors import TlDeployError  # noqa: E402
-from tl_deploy.export.metadata import FLOAT_NCHW  # noqa: E402
 from tl_deploy.fileio import atomic_write_json  # noqa: E402
+from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest, usable_files  # noqa: E402
 from tl_deploy.preprocess import IMAGE_EXTENSIONS  # noqa: E402
 
 BATCH_SIZES = (1, 1, 1, 1, 2, 4, 8, 16)  # mostly single images, like an app; some batches
@@ -281,10 +281,7 @@ def run_phase(target: dict[str, Any], data: Path, seconds: float, warmup: float,
 
 def export_files(folder: Path) -> list[str]:
     """The ONNX files of an export folder that onnxruntime runs on float NCHW input, as export.json lists them."""
-    manifest = json.loads((folder / "export.json").read_text())
-    return [str(f["file"]) for f in manifest.get("files", [])
-            if isinstance(f, dict) and f.get("kind") == "onnx" and f.get("status") == "ok"
-            and f.get("input_layout", FLOAT_NCHW) == FLOAT_NCHW]
+    return [str(f["file"]) for f in usable_files(read_export_manifest(folder)["files"]) if f.get("kind") == "onnx"]
 
 
 def plan_phases(models: list[str], precisions: list[str] | None, mixed: bool) -> list[dict[str, Any]]:
@@ -292,7 +289,7 @@ def plan_phases(models: list[str], precisions: list[str] | None, mixed: bool) ->
     phases: list[dict[str, Any]] = []
     for model in models:
         path = Path(model)
-        if (path / "export.json").is_file():
+        if is_export_folder(path):
             if precisions:
                 phases += [{"name": f"{path.name} {p}", "load": [[str(path), p]]} for p in precisions]
             else:

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tl_deploy import app as lib
+from tl_deploy import model_card, uploads
 from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.runtime import load
 
@@ -115,7 +116,7 @@ def test_bad_uploads_give_messages_and_the_page_keeps_serving(app, test_images: 
 def test_backend_switch_and_side_by_side_comparison(app, app_export: Path) -> None:
     labels = app.radio(key="engine").options
     assert labels[:3] == ["fastest available", "ONNX Runtime INT8", "ONNX Runtime FP32"] and "PyTorch" in labels
-    engines = {e.label: e.key for e in lib.available_engines(app_export, tensorrt_ok=False, torch_ok=True)}
+    engines = {e.label: e.key for e in model_card.available_engines(app_export, tensorrt_ok=False, torch_ok=True)}
     app.radio(key="engine").set_value(engines["ONNX Runtime FP32"]).run()
     assert "**fp32**" in app.info[0].value
     app.multiselect(key="compare").set_value([engines["ONNX Runtime INT8"], engines["PyTorch"]]).run()
@@ -132,11 +133,11 @@ def test_model_choices_stay_apart_when_an_export_and_its_artifact_share_a_name(
         app_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = app_export.parent.parent  # export/tiny and models/tiny, as `make demo` leaves them
     monkeypatch.chdir(project)
-    choices = lib.model_choices(app_export.resolve())
+    choices = model_card.model_choices(app_export.resolve())
     assert [c.path.resolve() for c in choices] == [app_export.resolve(), (project / "models" / "tiny").resolve()]
     assert len({c.key for c in choices}) == len({c.label for c in choices}) == 2
     assert [c.label for c in choices] == ["tiny (export) · export/tiny", "tiny (artifact, PyTorch) · models/tiny"]
-    engines = lib.available_engines(app_export, tensorrt_ok=False, torch_ok=True)
+    engines = model_card.available_engines(app_export, tensorrt_ok=False, torch_ok=True)
     assert len({e.key for e in engines}) == len(engines)
 
 
@@ -219,73 +220,73 @@ def test_read_image_converts_every_mode_to_rgb(mode: str) -> None:
     base = Image.new("RGB", (6, 4), (200, 100, 50))
     image = base.convert(mode) if mode not in ("I;16", "I", "F") else Image.new(mode, (6, 4), 3000)
     fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
-    out = lib.read_image(png_bytes(image, fmt), f"x.{fmt.lower()}")
+    out = uploads.read_image(png_bytes(image, fmt), f"x.{fmt.lower()}")
     assert out.mode == "RGB" and out.size == (6, 4)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "GIF"])
 def test_read_image_formats(fmt: str) -> None:
-    out = lib.read_image(png_bytes(Image.new("RGB", (9, 7), (0, 255, 0)), fmt), f"x.{fmt.lower()}")
+    out = uploads.read_image(png_bytes(Image.new("RGB", (9, 7), (0, 255, 0)), fmt), f"x.{fmt.lower()}")
     assert out.size == (9, 7) and out.getpixel((4, 3))[1] > 200
 
 
 def test_read_image_refuses_large_images_before_decoding() -> None:
     with pytest.raises(DataError, match=r"big.png is too large: 1000x1000 pixels \(1 MP\). The app's limit is 0.5 MP"):
-        lib.read_image(png_header(1000, 1000), "big.png", max_pixels=500_000)
+        uploads.read_image(png_header(1000, 1000), "big.png", max_pixels=500_000)
     with pytest.raises(DataError, match="bomb.png is too large: .* The app's limit is 50 MP; downscale it first"):
-        lib.read_image(png_header(20_000, 20_000), "bomb.png")
+        uploads.read_image(png_header(20_000, 20_000), "bomb.png")
 
 
 @pytest.mark.parametrize("name", ["../../x.png", "/etc/x.png", "a/../../x.png", "C:/x.png", "..\\x.png"])
 def test_read_zip_refuses_escaping_names(name: str) -> None:
     with pytest.raises(DataError, match="points outside the archive"):
-        lib.read_zip(zip_bytes({"ok.png": b"1", name: b"2"}), TINY_CLASSES)
+        uploads.read_zip(zip_bytes({"ok.png": b"1", name: b"2"}), TINY_CLASSES)
 
 
 def test_read_zip_limits_and_labels() -> None:
     data = zip_bytes({"d/circle/a.png": b"1" * 10, "d/other/b.png": b"2" * 10, "__MACOSX/d/._a.png": b"",
                       "d/.hidden.png": b"", "d/notes.txt": b"x"})
-    items = lib.read_zip(data, TINY_CLASSES)
+    items = uploads.read_zip(data, TINY_CLASSES)
     assert [(i.name, i.true_label) for i in items] == [("d/circle/a.png", "circle"), ("d/other/b.png", None)]
     with pytest.raises(DataError, match="more than 1 images"):
-        lib.read_zip(data, TINY_CLASSES, max_files=1)
+        uploads.read_zip(data, TINY_CLASSES, max_files=1)
     with pytest.raises(DataError, match="expands to more than"):
-        lib.read_zip(zip_bytes({"a.png": b"\0" * (2 << 20)}), TINY_CLASSES, max_bytes=1 << 20)
+        uploads.read_zip(zip_bytes({"a.png": b"\0" * (2 << 20)}), TINY_CLASSES, max_bytes=1 << 20)
     with pytest.raises(DataError, match="Not a readable zip"):
-        lib.read_zip(b"PK nonsense", TINY_CLASSES)
+        uploads.read_zip(b"PK nonsense", TINY_CLASSES)
     with pytest.raises(DataError, match="No images"):
-        lib.read_zip(zip_bytes({"a.txt": b"x"}), TINY_CLASSES)
+        uploads.read_zip(zip_bytes({"a.txt": b"x"}), TINY_CLASSES)
 
 
 def test_scan_folder_and_classify_items(app_export: Path, tiny_data: Path, tmp_path: Path) -> None:
-    items = lib.scan_folder(tiny_data / "test", TINY_CLASSES, roots=[tiny_data])
+    items = uploads.scan_folder(tiny_data / "test", TINY_CLASSES, roots=[tiny_data])
     assert len(items) == 24 and {i.true_label for i in items} == set(TINY_CLASSES)
-    items.append(lib.ImageItem("bad.png", b"junk", "circle"))
+    items.append(uploads.ImageItem("bad.png", b"junk", "circle"))
     clf = load(app_export, precision="fp32")
     seen: list[tuple[int, int]] = []
-    result = lib.classify_items(clf, items, progress=lambda done, total: seen.append((done, total)))
+    result = uploads.classify_items(clf, items, progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (25, 25) and result.errors == 1 and result.labelled == 24
     labels, _ = clf.predict([i.source for i in items[:-1]])
     assert [r["prediction"] for r in result.rows[:-1]] == [lab[0] for lab in labels]
     csv_lines = result.to_csv().splitlines()
     assert csv_lines[0] == "image,prediction,confidence,true_label,correct,error" and len(csv_lines) == 26
     with pytest.raises(DataError, match="Folder not found"):
-        lib.scan_folder(tmp_path / "missing", TINY_CLASSES)
+        uploads.scan_folder(tmp_path / "missing", TINY_CLASSES)
 
 
 def test_finding_models_and_engines(app_export: Path, tmp_path: Path) -> None:
     project = app_export.parent.parent
-    assert lib.default_model(project / "export", project / "models") == app_export
-    assert lib.default_model(tmp_path / "export", project / "models") == project / "models" / "tiny"
+    assert model_card.default_model(project / "export", project / "models") == app_export
+    assert model_card.default_model(tmp_path / "export", project / "models") == project / "models" / "tiny"
     with pytest.raises(ArtifactError, match="No model found.*make demo"):
-        lib.default_model(tmp_path / "export", tmp_path / "models")
-    engines = lib.available_engines(app_export, tensorrt_ok=False, torch_ok=False)
+        model_card.default_model(tmp_path / "export", tmp_path / "models")
+    engines = model_card.available_engines(app_export, tensorrt_ok=False, torch_ok=False)
     assert [(e.backend, e.precision) for e in engines] == [("auto", "auto"), ("onnxruntime", "int8"),
                                                           ("onnxruntime", "fp32")]
-    card = lib.read_model_card(app_export)
+    card = model_card.read_model_card(app_export)
     assert card.artifact == project / "models" / "tiny" and card.metrics["test_acc"] == 0.5
     assert card.parity_markdown is None and [f["file"] for f in card.files][0] == "model.onnx"
-    assert len(lib.sample_gallery(card, TINY_CLASSES, per_class=2)) == 6
+    assert len(model_card.sample_gallery(card, TINY_CLASSES, per_class=2)) == 6
 
 
 def test_launcher(app_export: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str],
@@ -313,12 +314,12 @@ def test_launcher(app_export: Path, tiny_data: Path, capsys: pytest.CaptureFixtu
 
 def test_launcher_warms_the_model_the_page_opens_on(app_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lib, "serve", lambda args: 0)
-    monkeypatch.setattr(lib, "_WARMED", {})
+    monkeypatch.setattr(model_card, "_WARMED", {})
     assert lib.main(["--model", str(app_export)]) == 0
-    [(path, backend, precision, _)] = lib._WARMED
+    [(path, backend, precision, _)] = model_card._WARMED
     assert (path, backend, precision) == (str(app_export.resolve()), "auto", "auto")
-    warmed = next(iter(lib._WARMED.values()))
-    assert lib.load_warm(app_export, "auto", "auto") is warmed and not lib._WARMED  # taken once
+    warmed = next(iter(model_card._WARMED.values()))
+    assert model_card.load_warm(app_export, "auto", "auto") is warmed and not model_card._WARMED  # taken once
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -367,25 +368,25 @@ def data_root(tmp_path: Path) -> Path:
 
 
 def test_server_folder_inside_the_roots(data_root: Path) -> None:
-    assert lib.resolve_server_folder("test", [data_root]) == (data_root / "test").resolve()
-    assert lib.resolve_server_folder(str(data_root / "test"), [data_root]) == (data_root / "test").resolve()
-    assert lib.resolve_server_folder(str(data_root), [data_root]) == data_root.resolve()
-    items = lib.scan_folder(data_root, TINY_CLASSES, roots=[data_root])
+    assert uploads.resolve_server_folder("test", [data_root]) == (data_root / "test").resolve()
+    assert uploads.resolve_server_folder(str(data_root / "test"), [data_root]) == (data_root / "test").resolve()
+    assert uploads.resolve_server_folder(str(data_root), [data_root]) == data_root.resolve()
+    items = uploads.scan_folder(data_root, TINY_CLASSES, roots=[data_root])
     assert [i.name for i in items] == ["test/circle/a.png"]  # the folder link out is not followed
 
 
 @pytest.mark.parametrize("typed", ["../secret", "test/../../secret", "/usr/share", "/", "escape", "escape/"])
 def test_server_folder_escapes_are_refused(data_root: Path, typed: str) -> None:
     with pytest.raises(DataError, match=r"contains '\.\.'|outside the data roots"):
-        lib.resolve_server_folder(typed, [data_root])
+        uploads.resolve_server_folder(typed, [data_root])
 
 
 def test_server_folders_need_a_root_and_file_links_out_refuse_the_folder(data_root: Path) -> None:
     with pytest.raises(DataError, match="No server folders are open.*--data-root DIR"):
-        lib.resolve_server_folder("test", [])
+        uploads.resolve_server_folder("test", [])
     (data_root / "test" / "circle" / "link.png").symlink_to(data_root.parent / "secret" / "b.png")
     with pytest.raises(DataError, match="link.png links outside the data roots"):
-        lib.scan_folder(data_root / "test", TINY_CLASSES, roots=[data_root])
+        uploads.scan_folder(data_root / "test", TINY_CLASSES, roots=[data_root])
 
 
 def test_server_folder_walk_is_bounded_while_it_runs(tmp_path: Path) -> None:
@@ -404,10 +405,10 @@ def test_server_folder_walk_is_bounded_while_it_runs(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "walk", counting_walk)
         with pytest.raises(DataError, match="holds more than 100 files and folders"):
-            lib.scan_folder(tmp_path, TINY_CLASSES, max_entries=100)
+            uploads.scan_folder(tmp_path, TINY_CLASSES, max_entries=100)
     assert len(seen) < 10  # stopped early, not after listing all 31 folders
     with pytest.raises(DataError, match="More than 2 images"):
-        lib.scan_folder(data_dir_with_images(tmp_path / "imgs", 5), TINY_CLASSES, max_files=2)
+        uploads.scan_folder(data_dir_with_images(tmp_path / "imgs", 5), TINY_CLASSES, max_files=2)
 
 
 def data_dir_with_images(root: Path, n: int) -> Path:

@@ -14,8 +14,9 @@ import torch
 from tl_deploy.artifact import load_artifact
 from tl_deploy.errors import ArtifactError, ExportError
 from tl_deploy.export.__main__ import main
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, read_onnx_metadata
 from tl_deploy.export.onnx import torch_to_onnx
+from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
+from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
 from tl_deploy.preprocess import prepare, prepare_uint8
 
 

@@ -12,8 +12,9 @@ import onnx
 import pytest
 
 from tl_deploy.errors import ExportError
-from tl_deploy.export import FP16_FILE, FP16_TOL, ExportOptions, export_artifact
+from tl_deploy.export import FP16_TOL, ExportOptions, export_artifact
 from tl_deploy.export.__main__ import main
+from tl_deploy.formats.names import FP16_FILE
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_fp16_file_is_float16_inside_with_float32_io(fp16_export: Path) -> None:
     weights = [i for i in model.graph.initializer if len(i.dims) >= 2]  # conv and linear weights
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     assert (fp16_export / FP16_FILE).stat().st_size < 0.6 * (fp16_export / "model.onnx").stat().st_size
-    from tl_deploy.export.metadata import read_onnx_metadata
+    from tl_deploy.formats.metadata import read_onnx_metadata
 
     assert read_onnx_metadata(str(fp16_export / FP16_FILE)).precision == "fp16"
 
@@ -56,7 +57,8 @@ def test_fp16_runs_on_onnxruntime_close_to_fp32(fp16_export: Path, tiny_data: Pa
 
 
 def test_parity_holds_onnx_fp16_to_fp16_tolerances(tiny_artifact: Path, fp16_export: Path, tiny_data: Path) -> None:
-    from tl_deploy.parity import DEFAULT_TOLERANCES, run_parity
+    from tl_deploy.comparison import DEFAULT_TOLERANCES
+    from tl_deploy.parity import run_parity
 
     report = run_parity(tiny_artifact, fp16_export, data=tiny_data, backends=["onnx-fp16"], threads=1)
     (result,) = report.results
@@ -65,7 +67,7 @@ def test_parity_holds_onnx_fp16_to_fp16_tolerances(tiny_artifact: Path, fp16_exp
 
 
 def test_catalog_bench_and_app_know_onnx_fp16(fp16_export: Path, tiny_artifact: Path, tiny_data: Path) -> None:
-    from tl_deploy import app as lib
+    from tl_deploy import model_card
     from tl_deploy.bench import DEFAULT_BACKENDS
     from tl_deploy.runtime.catalog import export_backend_name, resolve_backends
 
@@ -73,7 +75,7 @@ def test_catalog_bench_and_app_know_onnx_fp16(fp16_export: Path, tiny_artifact: 
     assert export_backend_name({"kind": "onnx", "precision": "fp16", "input_layout": "float32_nchw"}) == "onnx-fp16"
     (missing,) = resolve_backends(["onnx-fp16"], [], model_dir="models/m", tensorrt_problem=None, cuda_problem=None)
     assert "python -m tl_deploy.export models/m --fp16" in missing.skip_reason
-    labels = [e.label for e in lib.available_engines(fp16_export, tensorrt_ok=False, torch_ok=False)]
+    labels = [e.label for e in model_card.available_engines(fp16_export, tensorrt_ok=False, torch_ok=False)]
     assert "ONNX Runtime FP16" in labels
 
 

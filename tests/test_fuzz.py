@@ -29,8 +29,8 @@ from PIL import Image
 from tl_deploy.artifact import load_artifact
 from tl_deploy.cli import Range
 from tl_deploy.errors import TlDeployError
-from tl_deploy.export.metadata import OnnxMetadata
-from tl_deploy.export.tensorrt import check_sidecar
+from tl_deploy.formats.engine_sidecar import check_sidecar
+from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.preprocess import PreprocessSpec
 from tl_deploy.train.checkpoint import Checkpointer
 

@@ -16,12 +16,8 @@ import torch
 
 from tl_deploy.errors import BackendUnavailableError
 from tl_deploy.runtime import load, onnxruntime_backend
-from tl_deploy.runtime.onnxruntime_backend import (
-    distribution_conflict,
-    gpu_index,
-    load_onnx,
-    provider_options,
-)
+from tl_deploy.runtime.gpu import gpu_index
+from tl_deploy.runtime.onnxruntime_backend import distribution_conflict, load_onnx, provider_options
 from tl_deploy.runtime.torch_backend import TorchCudaGraphRunner, TorchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +204,7 @@ class FakeGpuModel:
 def test_cuda_graph_runner_captures_and_replays_on_the_gpu_it_was_given(fake_cuda: list[tuple[str, str]]) -> None:
     model = FakeGpuModel(fake_cuda)
     runner = TorchCudaGraphRunner(model, device="cuda:1")
+    runner.activate()
     runner.infer(np.ones((2, 3, 4, 4), np.float32))
     runner.infer(np.ones((2, 3, 4, 4), np.float32))  # the second call replays the captured graph
     assert model.placed == "cuda:1" and runner.device == "cuda:1"
@@ -219,6 +216,7 @@ def test_cuda_graph_runner_captures_and_replays_on_the_gpu_it_was_given(fake_cud
 def test_cuda_graph_runner_on_plain_cuda_keeps_the_gpu_current_when_it_was_made(
         fake_cuda: list[tuple[str, str]]) -> None:
     runner = TorchCudaGraphRunner(FakeGpuModel(fake_cuda), device="cuda")
+    runner.activate()
     with torch.cuda.device("cuda:1"):  # another thread's current device later on
         runner.infer(np.ones((1, 3, 4, 4), np.float32))
     assert runner.device == "cuda:0" and ("capture", "cuda:0") in fake_cuda

@@ -110,7 +110,7 @@ def _graph_file(path: Path, *, inputs: int = 1, out_rank: int = 2, dtype: int = 
     import onnx
     from onnx import TensorProto, helper
 
-    from tl_deploy.export.metadata import OnnxMetadata
+    from tl_deploy.formats.metadata import OnnxMetadata
     from tl_deploy.preprocess import PreprocessSpec
 
     names = [f"x{i}" for i in range(inputs)]
@@ -191,7 +191,7 @@ def test_artifact_config_class_list_and_num_classes_are_checked(edit, message: s
 
 
 def test_graph_problems_accepts_engine_style_dynamic_dims() -> None:
-    from tl_deploy.export.metadata import OnnxMetadata, graph_problems
+    from tl_deploy.formats.metadata import OnnxMetadata, graph_problems
     from tl_deploy.preprocess import PreprocessSpec
 
     meta = OnnxMetadata(class_names=("a", "b", "c"), spec=PreprocessSpec(input_size=32, resize=32),

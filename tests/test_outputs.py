@@ -167,12 +167,12 @@ def test_transfer_curve_out_in_a_strangers_folder_is_refused(tiny_data: Path, tm
 
 def test_output_kinds_match_the_formats_written() -> None:
     from tl_deploy import artifact, datasets
-    from tl_deploy import export as export_pkg
     from tl_deploy.fileio import OUTPUT_KINDS
+    from tl_deploy.formats import export_manifest, names
     from tl_deploy.train import transfer_curve
 
-    assert OUTPUT_KINDS["model artifact"] == (artifact.CONFIG_FILE, artifact.FORMAT)
-    assert OUTPUT_KINDS["export"] == (export_pkg.MANIFEST, export_pkg.MANIFEST_FORMAT)
+    assert OUTPUT_KINDS["model artifact"] == (names.ARTIFACT_CONFIG, artifact.FORMAT)
+    assert OUTPUT_KINDS["export"] == (names.EXPORT_MANIFEST, export_manifest.MANIFEST_FORMAT)
     assert OUTPUT_KINDS["dataset"][0] == datasets.DATASET_JSON
     assert OUTPUT_KINDS["transfer curve"] == ("results.json", transfer_curve.RESULTS_FORMAT)
 
@@ -327,7 +327,7 @@ def test_deep_json_is_one_line_everywhere(artifact: Path, fp32_export: Path, tmp
     from tl_deploy.artifact import load_artifact
     from tl_deploy.datasets import read_dataset_info
     from tl_deploy.evaluate import main
-    from tl_deploy.export.metadata import OnnxMetadata
+    from tl_deploy.formats.metadata import OnnxMetadata
     from tl_deploy.runtime import load
 
     (artifact / "config.json").write_text(DEEP)

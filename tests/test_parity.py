@@ -11,22 +11,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tl_deploy.comparison import DEFAULT_TOLERANCES, Tolerance, compare_logits, parse_overrides, tolerances
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export import ExportOptions, export_artifact
-from tl_deploy.export.metadata import embed_metadata, read_onnx_metadata
-from tl_deploy.parity import (
-    DEFAULT_TOLERANCES,
-    Tolerance,
-    compare_logits,
-    main,
-    parse_overrides,
-    report_paths,
-    run_parity,
-    tolerances,
-)
+from tl_deploy.formats.metadata import embed_metadata, read_onnx_metadata
+from tl_deploy.formats.names import parity_report_paths
+from tl_deploy.parity import main, run_parity
 from tl_deploy.preprocess import PreprocessSpec
 from tl_deploy.runtime.catalog import export_backend_name, parse_backends, resolve_backends
-from tl_deploy.runtime.catalog import tensorrt_problem as find_tensorrt_problem
+from tl_deploy.runtime.gpu import tensorrt_problem as find_tensorrt_problem
 
 
 def _broken_copy(export_dir: Path, tmp_path: Path) -> Path:
@@ -74,7 +67,7 @@ def test_cli_prints_lines_and_writes_reports(tiny_artifact: Path, export_dir: Pa
     assert code == 0
     assert "PASSED | onnx-fp32 | model.onnx | max|dlogit|" in out and "PASSED | onnx-int8 |" in out
     assert "SKIPPED | trt-int8 |" in out and "onnx-fp32-uint8" not in out  # only the asked-for backends
-    json_path, md_path = report_paths(export_dir, "test")
+    json_path, md_path = parity_report_paths(export_dir, "test")
     assert json_path.parent == export_dir.parent  # next to the export, not inside it
     report = json.loads(json_path.read_text())
     assert report["passed"] is True and report["images"] == 24 and report["split"] == "test"
@@ -102,7 +95,7 @@ def test_wrong_normalisation_in_metadata_fails(tiny_artifact: Path, export_dir: 
     assert code == 1
     assert "FAILED | onnx-fp32 | model.onnx |" in out and "preprocessing differs" in out
     assert "PASSED | onnx-int8 |" in out  # the untouched file still passes
-    report = json.loads(report_paths(broken, "test")[0].read_text())
+    report = json.loads(parity_report_paths(broken, "test")[0].read_text())
     assert report["passed"] is False
     fp32 = report["backends"][0]
     assert fp32["status"] == "failed" and fp32["max_abs_logit_diff"] > 1e-3  # the numbers show it as well

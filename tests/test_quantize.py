@@ -14,7 +14,6 @@ from onnx import helper, numpy_helper
 from tl_deploy.artifact import load_artifact
 from tl_deploy.errors import DataError, ExportError
 from tl_deploy.export import ExportOptions, export_artifact
-from tl_deploy.export.metadata import OnnxMetadata, read_onnx_metadata
 from tl_deploy.export.onnx import torch_to_onnx
 from tl_deploy.export.quantize import (
     QuantizationConfig,
@@ -25,6 +24,7 @@ from tl_deploy.export.quantize import (
     select_calibration_images,
     signed_input_convs,
 )
+from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
 from tl_deploy.preprocess import PreprocessSpec, prepare, prepare_uint8
 
 CLASSES = ["bar", "circle", "square"]

@@ -17,17 +17,11 @@ import pytest
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError
 from tl_deploy.export.__main__ import main
-from tl_deploy.export.metadata import OnnxMetadata
-from tl_deploy.export.tensorrt import (
-    BatchProfile,
-    check_sidecar,
-    make_sidecar,
-    parse_batch_profile,
-    read_sidecar,
-    require_tensorrt,
-    sidecar_path,
-)
+from tl_deploy.export.tensorrt import parse_batch_profile
+from tl_deploy.formats.engine_sidecar import BatchProfile, check_sidecar, make_sidecar, read_sidecar, sidecar_path
+from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.runtime.gpu import require_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
 

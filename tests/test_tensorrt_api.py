@@ -187,10 +187,11 @@ def test_engine_build_runs_on_both_apis(version: str, precision: str, onnx_files
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """One build path: strongly typed, no precision flags, precision from the file, on the GPU asked for."""
     import tl_deploy.export.tensorrt as trt_export
+    import tl_deploy.runtime.gpu as gpu
 
     recorder = _Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, recorder))
-    monkeypatch.setattr(trt_export, "import_cudart", lambda: FakeCudart(recorder))
+    monkeypatch.setattr(gpu, "import_cudart", lambda: FakeCudart(recorder))
     engine = tmp_path / f"model.{precision}.engine"
     result = trt_export.onnx_to_engine(onnx_files[precision], engine, timing_cache=tmp_path / "cache", device=1)
 
@@ -214,26 +215,26 @@ def test_removed_flag_fails_on_the_tensorrt_11_stand_in(monkeypatch: pytest.Monk
 
 
 def test_bad_device_index_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tl_deploy.export.tensorrt as trt_export
+    import tl_deploy.runtime.gpu as gpu
 
-    monkeypatch.setattr(trt_export, "import_cudart", lambda: FakeCudart(_Recorder()))
+    monkeypatch.setattr(gpu, "import_cudart", lambda: FakeCudart(_Recorder()))
     with pytest.raises(BackendUnavailableError, match=r"Invalid CUDA device 2: this machine has 2 GPU\(s\)"):
-        trt_export.set_device(2)
+        gpu.set_device(2)
 
 
 @pytest.mark.parametrize(("device", "index"), [(None, 0), ("cuda", 0), ("cuda:1", 1)])
 def test_engine_device_parsing(device: str | None, index: int) -> None:
-    from tl_deploy.runtime import cuda_device_index
+    from tl_deploy.runtime.gpu import gpu_index
 
-    assert cuda_device_index(device) == index
+    assert gpu_index(device, gpu_only=True) == index
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu:1"])
 def test_engine_device_parsing_refuses(device: str) -> None:
-    from tl_deploy.runtime import cuda_device_index
+    from tl_deploy.runtime.gpu import gpu_index
 
     with pytest.raises(TlDeployError, match="use cuda or cuda:N"):
-        cuda_device_index(device)
+        gpu_index(device, gpu_only=True)
 
 
 # --------------------------------------------------------------------------- onnxruntime's TensorRT provider
@@ -244,7 +245,7 @@ def test_engine_device_parsing_refuses(device: str) -> None:
     ("1.22.0", "10.13.3.9", True), ("1.22.0", None, True), ("2.0.0", "11.4", True),
 ])
 def test_ort_tensorrt_provider_versions(ort: str, trt: str | None, ok: bool) -> None:
-    from tl_deploy.export.tensorrt import ort_tensorrt_problem
+    from tl_deploy.runtime.gpu import ort_tensorrt_problem
 
     problem = ort_tensorrt_problem(ort, trt)
     assert (problem is None) == ok
@@ -279,8 +280,10 @@ def test_every_engine_build_is_checked_against_its_source(tiny_artifact: Path, t
     import tl_deploy.export as export
     import tl_deploy.runtime.tensorrt_backend as backend
     from tl_deploy.errors import ExportError
-    from tl_deploy.export.metadata import read_onnx_metadata
     from tl_deploy.export.tensorrt import EngineResult
+    from tl_deploy.formats.metadata import read_onnx_metadata
+    from tl_deploy.runtime.base import Runner
+    from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
     sources: dict[str, str] = {}
 
@@ -291,26 +294,24 @@ def test_every_engine_build_is_checked_against_its_source(tiny_artifact: Path, t
         assert kwargs["device"] == 1
         return EngineResult(path=engine, sidecar={"gpu": "Fake GPU", "precision": precision}, seconds=0.1)
 
-    class FakeRunner:
+    class FakeRunner(Runner):
         """Runs the engine's source ONNX on onnxruntime, like a correct engine; ``wrong`` adds an error."""
 
-        input_layout = "float32_nchw"
-        max_batch = None
-
         def __init__(self, path: Path, *, device: int) -> None:
-            from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
+            self.path = path
 
-            self.inner = OnnxRuntimeRunner(Path(path.read_text()), optimize=False, threads=1)
+        def _activate_impl(self) -> None:
+            self.inner = load_onnx(Path(self.path.read_text()), optimize=False, threads=1)
             self.metadata, self.precision = self.inner.metadata, self.inner.precision
 
-        def infer(self, batch: np.ndarray) -> np.ndarray:
+        def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
             logits = self.inner.infer(batch)
             if self.precision == wrong:  # #4813-style: plausible numbers, wrong ranking
                 logits = logits[:, ::-1] + np.float32(3.0)
             return logits
 
-        def close(self) -> None:
-            pass
+        def _deactivate_impl(self) -> None:
+            self.inner.close()
 
     monkeypatch.setattr(export, "require_tensorrt", lambda: None)
     monkeypatch.setattr(export, "set_device", lambda device: None)

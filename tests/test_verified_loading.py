@@ -93,7 +93,7 @@ def test_modified_artifact_fails_parity_and_bench(tiny_artifact: Path, export_di
 
 
 def test_failed_line_prints_only_the_thresholds_met() -> None:
-    from tl_deploy.parity import DEFAULT_TOLERANCES, BackendResult
+    from tl_deploy.comparison import DEFAULT_TOLERANCES, BackendResult
 
     metrics = {"max_abs_logit_diff": 0.5, "agreement": 0.93, "accuracy": 0.90, "accuracy_delta_pt": -0.5}
     line = BackendResult("onnx-int8", "int8", INT8, "failed", DEFAULT_TOLERANCES["int8"],

@@ -29,17 +29,15 @@ from torch import nn
 from tl_deploy import __version__
 from tl_deploy.errors import ArtifactError
 from tl_deploy.fileio import atomic_dir, atomic_write_json, parse_json, read_json, sha256_bytes, sha256_file
+from tl_deploy.formats.names import ARTIFACT_CONFIG, ARTIFACT_MANIFEST, ARTIFACT_METRICS, ARTIFACT_WEIGHTS
 from tl_deploy.preprocess import PreprocessSpec
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = "tl_deploy.model"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-MANIFEST_FILE = "manifest.json"
-REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)  # what save_artifact always writes and the manifest lists
+# what save_artifact always writes and the manifest lists
+REQUIRED_FILES = (ARTIFACT_WEIGHTS, ARTIFACT_CONFIG, ARTIFACT_METRICS)
 
 
 def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
@@ -168,23 +166,23 @@ def save_artifact(
     _refuse_non_finite(state, f"Not saving {out}", "Training diverged: lower --lr or --weight-decay, or "
                        "check the data; nothing was written.")
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        save_file(state, str(tmp / ARTIFACT_WEIGHTS), metadata={"format": FORMAT})
+        (tmp / ARTIFACT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / ARTIFACT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         manifest = {"format": FORMAT, "files": {n: sha256_file(tmp / n) for n in files}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _logger.info("wrote artifact %s", out)
     return out
 
 
 def verify_manifest(path: Path) -> str:
     """Check every file listed in manifest.json; return the manifest's sha256."""
-    manifest_path = path / MANIFEST_FILE
+    manifest_path = path / ARTIFACT_MANIFEST
     if not manifest_path.is_file():
-        raise ArtifactError(f"{path} has no {MANIFEST_FILE}: not a complete tl_deploy artifact.")
+        raise ArtifactError(f"{path} has no {ARTIFACT_MANIFEST}: not a complete tl_deploy artifact.")
     raw = manifest_path.read_bytes()
     try:
         files = parse_json(raw, manifest_path)["files"]
@@ -215,9 +213,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"Model artifact folder not found: {path}. Run python -m tl_deploy.finetune first.")
-    config_path = path / CONFIG_FILE
+    config_path = path / ARTIFACT_CONFIG
     if not config_path.is_file():
-        raise ArtifactError(f"{path} is not a tl_deploy model artifact: {CONFIG_FILE} is missing.")
+        raise ArtifactError(f"{path} is not a tl_deploy model artifact: {ARTIFACT_CONFIG} is missing.")
     try:
         config = read_json(config_path)
     except ValueError as exc:
@@ -239,14 +237,14 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     """Load an artifact folder into a ready model (eval mode) with its preprocessing."""
     from safetensors.torch import load_file
 
-    from tl_deploy.export.metadata import class_names_problem
+    from tl_deploy.formats.metadata import class_names_problem
 
     path = Path(path)
     config = read_config(path)
     if verify:
         checksum = verify_manifest(path)
     else:
-        checksum = sha256_file(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else ""
+        checksum = sha256_file(path / ARTIFACT_MANIFEST) if (path / ARTIFACT_MANIFEST).is_file() else ""
     try:
         arch = Architecture.from_dict(config["architecture"])
         problem = class_names_problem(config["class_names"])
@@ -255,16 +253,16 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
         class_names = list(config["class_names"])
         spec = PreprocessSpec.from_dict(config["preprocess"])
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise ArtifactError(f"Invalid {path / CONFIG_FILE}: missing or bad field ({exc}).") from exc
+        raise ArtifactError(f"Invalid {path / ARTIFACT_CONFIG}: missing or bad field ({exc}).") from exc
     if not 2 <= arch.num_classes == len(class_names) or not 0.0 <= arch.drop_rate < 1.0:
         raise ArtifactError(
-            f"Invalid {path / CONFIG_FILE}: num_classes {arch.num_classes} must be >= 2 and match the "
+            f"Invalid {path / ARTIFACT_CONFIG}: num_classes {arch.num_classes} must be >= 2 and match the "
             f"{len(class_names)} class names; drop_rate {arch.drop_rate} must be in [0, 1)."
         )
     model = build_model(arch)
-    weights_path = path / WEIGHTS_FILE
+    weights_path = path / ARTIFACT_WEIGHTS
     if not weights_path.is_file():
-        raise ArtifactError(f"Artifact {path} is incomplete: {WEIGHTS_FILE} is missing.")
+        raise ArtifactError(f"Artifact {path} is incomplete: {ARTIFACT_WEIGHTS} is missing.")
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)
@@ -274,11 +272,11 @@ def load_artifact(path: str | Path, *, verify: bool = True, device: str = "cpu")
     _refuse_non_finite(state, f"Refusing {weights_path}", "Re-run fine-tuning; such a model predicts nothing.")
     model.to(device).eval()
     metrics: dict[str, Any] = {}
-    if (path / METRICS_FILE).is_file():
+    if (path / ARTIFACT_METRICS).is_file():
         try:
-            loaded = read_json(path / METRICS_FILE)
+            loaded = read_json(path / ARTIFACT_METRICS)
         except ValueError as exc:
-            raise ArtifactError(f"Corrupt {path / METRICS_FILE}: {exc}.") from exc
+            raise ArtifactError(f"Corrupt {path / ARTIFACT_METRICS}: {exc}.") from exc
         metrics = loaded if isinstance(loaded, dict) else {}
     return Artifact(path=path, model=model, architecture=arch, class_names=class_names, spec=spec,
                     config=config, metrics=metrics, checksum=checksum)

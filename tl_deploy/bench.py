@@ -43,9 +43,11 @@ from tl_deploy.cli import (
 )
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
+from tl_deploy.formats.export_manifest import read_export_manifest
 from tl_deploy.reports import format_table
-from tl_deploy.runtime.base import Classifier
-from tl_deploy.runtime.catalog import open_backend, parse_backends, resolve_backends
+from tl_deploy.runtime.catalog import BackendChoice, open_backend, parse_backends, resolve_backends
+from tl_deploy.runtime.classifier import Classifier
+from tl_deploy.runtime.gpu import cuda_problem, tensorrt_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -204,6 +206,27 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def open_backends(choices: Sequence[BackendChoice], model_dir: Path, export_dir: Path, *, device: str,
+                  threads: int, verify: bool) -> tuple[dict[str, Classifier], list[dict[str, Any]]]:
+    """The classifiers of the runnable backends, and one row per backend saying what runs or why not.
+
+    Idle onnxruntime threads do not spin, so a backend waiting its turn leaves the cores to the one timed."""
+    classifiers: dict[str, Classifier] = {}
+    listed = []
+    for choice in choices:
+        row = {"backend": choice.name, "precision": choice.precision, "file": choice.file, "status": "skipped",
+               "reason": choice.skip_reason, "device": ""}
+        if choice.runnable:
+            try:
+                classifiers[choice.name] = open_backend(choice, model_dir, export_dir, device=device,
+                                                        threads=threads, spin=False, verify=verify)
+                row.update(status="ok", device=classifiers[choice.name].device)
+            except BackendUnavailableError as exc:
+                row["reason"] = str(exc)
+        listed.append(row)
+    return classifiers, listed
+
+
 def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
               config: BenchConfig = BenchConfig(), threads: int | None = None, device: str = "auto",
               data: str | Path | None = None, split: str = "test", val_split: float | None = None,
@@ -211,12 +234,10 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
     """Time ``backends`` of ``model_dir`` / ``export_dir`` in one interleaved run.
 
     ``verify``: check the artifact's manifest and each export file's sha256 before timing it."""
-    from tl_deploy.parity import read_export_manifest
     from tl_deploy.preprocess import prepare
-    from tl_deploy.runtime.catalog import cuda_problem, tensorrt_problem
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    manifest = read_export_manifest(export_dir, model_dir)
+    manifest = read_export_manifest(export_dir, model_dir=model_dir)
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if threads < 1:
         raise TlDeployError(f"Invalid --threads {threads}: choose 1 or more.")
@@ -233,19 +254,8 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
                                tensorrt_problem=tensorrt_problem() if wants_trt else None,
                                cuda_problem=None if device.startswith("cuda") else
                                cuda or "the benchmark runs on the CPU (--device cpu)")
-    classifiers: dict[str, Classifier] = {}
-    listed = []
-    for choice in choices:
-        row = {"backend": choice.name, "precision": choice.precision, "file": choice.file, "status": "skipped",
-               "reason": choice.skip_reason, "device": ""}
-        if choice.runnable:
-            try:
-                classifiers[choice.name] = open_backend(choice, model_dir, export_dir, device=device,
-                                                        threads=threads, spin=False, verify=verify)
-                row.update(status="ok", device=classifiers[choice.name].device)
-            except BackendUnavailableError as exc:
-                row["reason"] = str(exc)
-        listed.append(row)
+    classifiers, listed = open_backends(choices, model_dir, export_dir, device=device, threads=threads,
+                                        verify=verify)
     if not classifiers:
         raise BackendUnavailableError("No backend can run here: " +
                                       "; ".join(f"{r['backend']}: {r['reason']}" for r in listed))
@@ -286,7 +296,7 @@ def throughput_png(report: BenchReport) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tl_deploy.reports import _png
+    from tl_deploy.reports import png_bytes
 
     groups = list(report.timings)
     names = sorted({name for rows in report.timings.values() for name in rows},
@@ -303,7 +313,7 @@ def throughput_png(report: BenchReport) -> bytes:
     ax.set_title(f"{Path(report.model_dir).name}: {report.device}, {report.threads} thread(s)")
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def report_paths(stem: Path) -> tuple[Path, Path]:

@@ -69,7 +69,8 @@ def format_result(result: ClassificationResult, class_names: Sequence[str], spli
     return "\n".join(lines)
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -99,7 +100,7 @@ def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
             for ax in (ax_loss, ax_acc):
                 ax.axvline(i + 0.5, color="grey", lw=0.8)
     ax_acc.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bytes:
@@ -121,4 +122,4 @@ def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str]
             if cm[i, j]:
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
-    return _png(fig)
+    return png_bytes(fig)

@@ -9,7 +9,6 @@ functions that need them.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import tempfile
@@ -24,7 +23,6 @@ from tl_deploy import __version__
 from tl_deploy.errors import DataError, ExportError
 from tl_deploy.export.fp16 import CONVERTER as FP16_CONVERTER
 from tl_deploy.export.fp16 import import_float16, onnx_to_fp16_onnx
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, read_onnx_metadata
 from tl_deploy.export.onnx import DEFAULT_OPSET, simplify_available, torch_to_onnx
 from tl_deploy.export.quantize import (
     DEFAULT_CALIB_SAMPLES,
@@ -33,14 +31,23 @@ from tl_deploy.export.quantize import (
     onnx_to_int8_onnx,
     select_calibration_images,
 )
-from tl_deploy.export.tensorrt import (
-    DEFAULT_WORKSPACE_GB,
-    BatchProfile,
-    onnx_to_engine,
-    require_tensorrt,
-    set_device,
-)
+from tl_deploy.export.tensorrt import DEFAULT_WORKSPACE_GB, onnx_to_engine
 from tl_deploy.fileio import atomic_dir, atomic_write_json, check_output_folder, check_output_writable, sha256_file
+from tl_deploy.formats.engine_sidecar import BatchProfile
+from tl_deploy.formats.export_manifest import make_export_manifest
+from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
+from tl_deploy.formats.names import (
+    BAKED_FILE,
+    EXPORT_MANIFEST,
+    FLOAT_NCHW,
+    FP16_FILE,
+    FP32_FILE,
+    INT8_CPU_FILE,
+    INT8_FILE,
+    UINT8_NHWC,
+    engine_file,
+)
+from tl_deploy.runtime.gpu import require_tensorrt, set_device
 
 __all__ = [
     "ExportOptions", "ExportRow", "OnnxMetadata", "export_artifact", "onnx_to_engine", "onnx_to_fp16_onnx",
@@ -49,13 +56,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-MANIFEST = "export.json"
-MANIFEST_FORMAT = "tl_deploy.export"
-FP32_FILE = "model.onnx"
-FP16_FILE = "model.fp16.onnx"  # float16 weights and compute, float32 I/O: onnxruntime and TensorRT FP16
-BAKED_FILE = "model.preprocess.onnx"
-INT8_FILE = "model.int8.onnx"  # QDQ, symmetric: TensorRT explicit quantization (runs on onnxruntime too)
-INT8_CPU_FILE = "model.int8.cpu.onnx"  # tuned for onnxruntime on x86 CPUs
 HOLDOUT_IMAGES = 64  # images kept out of calibration to check INT8 agreement
 PARITY_TOL = 1e-3  # max |ONNX - torch| logit difference accepted at export time
 INT8_MIN_AGREEMENT = 0.98  # below this top-1 agreement with FP32 the export warns (parity's int8 default)
@@ -135,11 +135,9 @@ def resolve_calibration_dir(model_dir: Path, config: dict[str, Any], calib_data:
 
 def _onnx_parity(proto_path: Path, model: Any, batch: np.ndarray) -> float:
     """Max |logit| difference between onnxruntime and torch on ``batch`` (N, 3, H, W)."""
-    import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(proto_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    onnx_out = _onnx_logits(proto_path, batch)
     with torch.inference_mode():
         torch_out = model(torch.from_numpy(batch)).numpy()
     return float(np.abs(onnx_out - torch_out).max())
@@ -147,13 +145,10 @@ def _onnx_parity(proto_path: Path, model: Any, batch: np.ndarray) -> float:
 
 def _onnx_logits(path: Path, batch: np.ndarray, *, as_written: bool = False) -> np.ndarray:
     """(N, C) logits of an ONNX file on onnxruntime's CPU provider; ``as_written``: no graph fusion."""
-    import onnxruntime as ort
+    from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
-    options = ort.SessionOptions()
-    if as_written:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float32)
+    with OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], optimize=not as_written) as runner:
+        return runner.infer(batch)
 
 
 def _check_fp16_onnx(fp16: Path, fp32: Path, batch: np.ndarray, what: str) -> str:
@@ -174,15 +169,11 @@ def _check_engine(engine_path: Path, source: Path, batch: np.ndarray, what: str,
     Run after every build: a strongly typed TensorRT 11.1 FP32 engine was reported to give silently
     wrong outputs (NVIDIA/TensorRT#4813), so an engine is only written when it agrees with its source.
     """
-    from tl_deploy.runtime.base import Classifier
-    from tl_deploy.runtime.tensorrt_backend import TensorRTRunner
+    from tl_deploy.runtime import tensorrt_backend
 
-    runner = TensorRTRunner(engine_path, device=device)
-    try:
-        logits = Classifier(runner, runner.metadata, engine_path).infer(batch)
-    finally:
-        runner.close()
-    precision = runner.precision
+    with tensorrt_backend.load_engine(engine_path, device=device) as engine:
+        logits = engine.infer(batch)
+        precision = engine.precision
     reference = _onnx_logits(source, batch, as_written=precision == "int8")
     diff = float(np.abs(logits - reference).max())
     agree = float((logits.argmax(1) == reference.argmax(1)).mean())
@@ -206,17 +197,8 @@ def _top1_agreement(int8_path: Path, fp32_path: Path, batch: np.ndarray, exact_i
     ``exact_integer`` disables onnxruntime's QDQ fusion, so Q/DQ run as written: the arithmetic
     TensorRT performs for an explicitly quantized graph.
     """
-    import onnxruntime as ort
-
-    def top1(path: Path, level: Any) -> np.ndarray:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0]).argmax(1)
-
-    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact_integer else \
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return float((top1(int8_path, level) == top1(fp32_path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)).mean())
+    int8_top1 = _onnx_logits(int8_path, batch, as_written=exact_integer).argmax(1)
+    return float((int8_top1 == _onnx_logits(fp32_path, batch).argmax(1)).mean())
 
 
 def _finish(row: ExportRow, path: Path) -> ExportRow:
@@ -358,7 +340,7 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
                      ([("fp16", tmp / FP16_FILE)] if options.fp16 else []) + \
                      ([("fp32", fp32)] if not (options.int8 or options.fp16) else [])
             for precision, source in builds:
-                name = f"model.{precision}.engine"
+                name = engine_file(precision)
                 _logger.info("TensorRT %s: building %s from %s (batch %s)", precision.upper(), name, source.name,
                              options.batch)
                 engine = onnx_to_engine(source, tmp / name, profile=options.batch,
@@ -373,20 +355,16 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
         from tl_deploy.artifact import package_versions
 
-        atomic_write_json(tmp / MANIFEST, {
-            "format": MANIFEST_FORMAT,
-            "format_version": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "tl_deploy_version": __version__,
-            "source": {"path": str(model_dir), "checksum": artifact.checksum,
-                       "architecture": artifact.architecture.name},
-            "metadata": metadata.to_dict(),
-            "options": {"opset": options.opset, "exporter": options.exporter, "simplify": simplify,
-                        "calib_method": options.calib_method, "calib_images": len(calib_paths),
-                        "batch": str(options.batch)},
-            "versions": package_versions(),
-            "files": [row.to_dict() for row in rows],
-        })
+        atomic_write_json(tmp / EXPORT_MANIFEST, make_export_manifest(
+            tl_deploy_version=__version__,
+            source={"path": str(model_dir), "checksum": artifact.checksum, "architecture": artifact.architecture.name},
+            metadata=metadata.to_dict(),
+            options={"opset": options.opset, "exporter": options.exporter, "simplify": simplify,
+                     "calib_method": options.calib_method, "calib_images": len(calib_paths),
+                     "batch": str(options.batch)},
+            versions=package_versions(),
+            files=[row.to_dict() for row in rows],
+        ))
     _logger.info("wrote export folder %s", out)
     return rows
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from tl_deploy.cli import COUNT, POSITIVE, POSITIVE_INT, SEED, OneLineParser, Range, StderrHandler
+from tl_deploy.formats.names import EXPORT_MANIFEST
 from tl_deploy.errors import TlDeployError
 
 
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_onnxruntime_quantizer)
     try:
-        from tl_deploy.export import MANIFEST, ExportOptions, export_artifact, format_table
+        from tl_deploy.export import ExportOptions, export_artifact, format_table
         from tl_deploy.export.tensorrt import parse_batch_profile
 
         if args.workspace_gb <= 0:
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(format_table(rows))
-    print(f"wrote {out}/ ({MANIFEST} lists the files)")
+    print(f"wrote {out}/ ({EXPORT_MANIFEST} lists the files)")
     return 0
 
 

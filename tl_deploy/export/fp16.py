@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tl_deploy.errors import BackendUnavailableError, ExportError
-from tl_deploy.export.metadata import OnnxMetadata, embed_metadata, load_float32_source
+from tl_deploy.export.onnx import load_float32_source
 from tl_deploy.fileio import atomic_path
+from tl_deploy.formats.metadata import OnnxMetadata, embed_metadata
 
 _logger = logging.getLogger(__name__)
 

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_deploy.errors import BackendUnavailableError, ExportError
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, embed_metadata
 from tl_deploy.fileio import atomic_path
+from tl_deploy.formats.metadata import OnnxMetadata, embed_metadata
+from tl_deploy.formats.names import FLOAT_NCHW, IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME, UINT8_NHWC
 from tl_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
+    import onnx
     from torch import nn
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
-INPUT_NAME = "input"  # float32 (N, 3, H, W)
-IMAGE_INPUT_NAME = "image"  # uint8 (N, H, W, 3), baked-preprocess graphs
-OUTPUT_NAME = "logits"  # float32 (N, num_classes)
 
 
 def _baked_preprocess_module(model: nn.Module, spec: PreprocessSpec) -> nn.Module:
@@ -182,3 +181,22 @@ def simplify_onnx(proto: Any) -> Any:
         raise ExportError(
             f"onnxslim failed: {type(exc).__name__}: {str(exc)[:200]}. Retry with --no-simplify."
         ) from exc
+
+
+def load_float32_source(onnx_path: str | os.PathLike[str], action: str) -> tuple[onnx.ModelProto, OnnxMetadata]:
+    """The float32 NCHW tl_deploy ONNX file a converter starts from, and its metadata.
+
+    ``action`` completes the refusal of any other graph, e.g. ``"quantize"`` -> "...: quantize the
+    float32 model.onnx (without --bake-preprocess)."
+    """
+    import onnx
+
+    source = Path(onnx_path)
+    if not source.is_file():
+        raise ExportError(f"ONNX file not found: {source}. Export the FP32 model first.")
+    model = onnx.load(str(source))
+    metadata = OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, origin=str(source))
+    if metadata.input_layout != FLOAT_NCHW or metadata.precision != "fp32":
+        raise ExportError(f"{source} is a {metadata.precision} {metadata.input_layout} graph: {action} the float32 "
+                          "model.onnx (without --bake-preprocess).")
+    return model, metadata

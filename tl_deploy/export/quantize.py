@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import DataError, ExportError
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata, embed_metadata, load_float32_source
+from tl_deploy.export.onnx import load_float32_source
 from tl_deploy.fileio import atomic_path
+from tl_deploy.formats.metadata import OnnxMetadata, embed_metadata
+from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare, prepare_uint8
 
 _logger = logging.getLogger(__name__)

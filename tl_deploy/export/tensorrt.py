@@ -3,8 +3,9 @@
 Written against the TensorRT 10 Python API (type-checked with ``tensorrt-stubs``) and using only
 what TensorRT 11 kept (checked against the 11.x bindings by ``tests/test_tensorrt_api.py``). A
 serialized engine only loads on the TensorRT version and GPU model it was built with, so every
-engine gets a sidecar ``<engine>.json``; ``check_sidecar`` is a pure function of that dict and the
-current environment, and refuses foreign or tampered engines with a message that says how to rebuild.
+engine gets a sidecar ``<engine>.json``, written here with ``formats.engine_sidecar.make_sidecar``
+and checked where it is loaded (``check_sidecar``). What this machine has (TensorRT, cuda-python,
+the GPU) is probed by ``runtime.gpu``.
 
 Precision is a property of the ONNX file, as NVIDIA recommends since TensorRT 10 and requires from
 TensorRT 11 (which removed ``BuilderFlag.FP16/INT8`` and weakly typed networks): every engine is
@@ -14,47 +15,25 @@ weights and compute) FP16 and the QDQ ``model.int8.onnx`` explicitly quantized I
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, ExportError
-from tl_deploy.export.metadata import FLOAT_NCHW, OnnxMetadata
-from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from tl_deploy.errors import DataError, ExportError
+from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from tl_deploy.formats.engine_sidecar import BatchProfile, make_sidecar, sidecar_path
+from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
+from tl_deploy.formats.names import FLOAT_NCHW, PRECISIONS
+from tl_deploy.runtime.gpu import current_environment, require_tensorrt, set_device
 
 _logger = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "tl_deploy.trt_engine"
-SIDECAR_VERSION = 1
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_PROFILE = "1:8:32"
 DEFAULT_WORKSPACE_GB = 2.0
-INSTALL_HINT = (
-    "pip install 'tl_deploy[trt]' (TensorRT 10 or 11 and cuda-python from PyPI; needs an NVIDIA driver)"
-)
-_SIDECAR_FIELDS = ("format", "format_version", "tensorrt", "gpu", "compute_capability", "precision",
-                   "profile", "onnx_sha256", "engine_sha256", "metadata")
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """The batch sizes an engine accepts (``min..max``) and the one it is tuned for (``opt``)."""
-
-    min: int
-    opt: int
-    max: int
-
-    def __str__(self) -> str:
-        return f"{self.min}:{self.opt}:{self.max}"
-
-    def to_dict(self) -> dict[str, int]:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
 
 
 def parse_batch_profile(text: str) -> BatchProfile:
@@ -70,205 +49,6 @@ def parse_batch_profile(text: str) -> BatchProfile:
     if high > 4096:
         raise DataError(f"Invalid --batch {text!r}: MAX {high} is over 4096; pick a realistic serving batch.")
     return BatchProfile(low, opt, high)
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
-    try:
-        from cuda.bindings import runtime as cudart
-
-        return cudart
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # type: ignore[attr-defined,no-redef]
-
-        return cudart
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"TensorRT backend needs cuda-python, which is not installed: {INSTALL_HINT}."
-        ) from exc
-
-
-def cuda_check(result: Any) -> Any:
-    """Unpack a cuda-python ``(error, value...)`` tuple, raising on any error code."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise ExportError(f"CUDA call failed: {err}.")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def require_tensorrt() -> None:
-    """Check that TensorRT, cuda-python and a CUDA GPU are all present.
-
-    Raises ``BackendUnavailableError`` (exit code 2) naming the first missing piece and how to
-    install it. A ``tensorrt`` folder holding only type stubs does not count as TensorRT.
-    """
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError(f"TensorRT is not installed (import tensorrt failed): {INSTALL_HINT}.") from exc
-    if not hasattr(trt, "Builder"):
-        raise BackendUnavailableError(
-            f"TensorRT is not installed (only the 'tensorrt' type stubs were found): {INSTALL_HINT}."
-        )
-    cudart = import_cudart()
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        raise BackendUnavailableError(
-            f"No CUDA GPU is usable ({err}): TensorRT needs an NVIDIA GPU and driver; "
-            "run on a GPU machine or use the onnxruntime backend."
-        )
-
-
-def set_device(device: int) -> Any:
-    """Make GPU ``device`` current for this thread (TensorRT builds and runs on the current device);
-    returns the cudart module. Refuses an index this machine does not have."""
-    cudart = import_cudart()
-    count = cuda_check(cudart.cudaGetDeviceCount())
-    if not 0 <= device < int(count):
-        raise BackendUnavailableError(
-            f"Invalid CUDA device {device}: this machine has {count} GPU(s), numbered 0..{int(count) - 1}."
-        )
-    cuda_check(cudart.cudaSetDevice(device))
-    return cudart
-
-
-def current_environment(device: int = 0) -> dict[str, str]:
-    """TensorRT version and identity of GPU ``device`` (what a sidecar is checked against)."""
-    require_tensorrt()
-    import tensorrt as trt
-
-    cudart = import_cudart()
-    props = cuda_check(cudart.cudaGetDeviceProperties(device))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return {
-        "tensorrt": str(trt.__version__),
-        "gpu": name.rstrip("\x00").strip(),
-        "compute_capability": f"{props.major}.{props.minor}",
-    }
-
-
-ORT_MIN_FOR_TENSORRT_11 = (1, 27)  # first onnxruntime whose TensorRT execution provider links TensorRT 11
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    parts = re.findall(r"\d+", version)[:2]
-    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0) if parts else (0, 0)
-
-
-def ort_tensorrt_problem(ort_version: str, tensorrt_version: str | None) -> str | None:
-    """Why onnxruntime's TensorRT execution provider cannot work with this TensorRT, or None (pure)."""
-    if tensorrt_version is None or _major_minor(tensorrt_version)[0] < 11:
-        return None
-    if _major_minor(ort_version) >= ORT_MIN_FOR_TENSORRT_11:
-        return None
-    need = ".".join(map(str, ORT_MIN_FOR_TENSORRT_11))
-    return (f"onnxruntime's TensorRT execution provider needs onnxruntime >= {need} for TensorRT 11; this machine "
-            f"has onnxruntime {ort_version} with TensorRT {tensorrt_version}: pip install 'onnxruntime-gpu>={need}', "
-            "or pip install 'tensorrt<11', or run the .engine file with the native TensorRT backend")
-
-
-def check_ort_tensorrt_versions() -> None:
-    """Refuse onnxruntime's TensorRT provider when the installed versions do not fit together."""
-    import onnxruntime as ort
-
-    try:
-        import tensorrt as trt
-
-        tensorrt_version: str | None = str(trt.__version__)
-    except (ImportError, AttributeError):  # the provider reports a missing TensorRT itself
-        tensorrt_version = None
-    problem = ort_tensorrt_problem(str(ort.__version__), tensorrt_version)
-    if problem:
-        raise BackendUnavailableError(f"{problem}.")
-
-
-# --------------------------------------------------------------------------- sidecar
-
-
-def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
-    return Path(f"{engine_path}.json")
-
-
-def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
-    import json
-
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        raise ArtifactError(
-            f"{engine_path} has no sidecar {path.name}: its TensorRT version and GPU are unknown. "
-            "Rebuild it with python -m tl_deploy.export MODEL_DIR --trt."
-        )
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise ArtifactError(f"Corrupt engine sidecar {path}: {exc}. Rebuild the engine.") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"Corrupt engine sidecar {path}: not a JSON object. Rebuild the engine.")
-    return data
-
-
-def check_sidecar(sidecar: Mapping[str, Any], env: Mapping[str, str], *, engine_sha256: str | None = None,
-                  engine_name: str = "engine") -> OnnxMetadata:
-    """Refuse an engine that was tampered with or built elsewhere; return its model metadata.
-
-    Pure: depends only on the sidecar dict, the environment dict (``current_environment()``) and
-    the engine file's sha256 (``None`` skips that check).
-    """
-    rebuild = ("Engines only load on the TensorRT version and GPU they were built with: rebuild it on this "
-               "machine with python -m tl_deploy.export MODEL_DIR --trt (add --int8/--fp16 as before), "
-               "or load the .onnx file with the onnxruntime backend.")
-    missing = [key for key in _SIDECAR_FIELDS if key not in sidecar]
-    if missing:
-        raise ArtifactError(f"Engine sidecar of {engine_name} is incomplete (missing {missing}). {rebuild}")
-    if sidecar["format"] != SIDECAR_FORMAT:
-        raise ArtifactError(f"{engine_name}: sidecar format {sidecar['format']!r} is not {SIDECAR_FORMAT!r}.")
-    if not isinstance(sidecar["format_version"], int) or sidecar["format_version"] > SIDECAR_VERSION:
-        raise ArtifactError(f"{engine_name}: sidecar format {sidecar['format_version']} is newer than this "
-                            f"tl_deploy understands ({SIDECAR_VERSION}). Upgrade tl_deploy.")
-    if engine_sha256 is not None and sidecar["engine_sha256"] != engine_sha256:
-        raise ArtifactError(
-            f"{engine_name} does not match its sidecar (sha256 {engine_sha256[:12]}..., sidecar says "
-            f"{str(sidecar['engine_sha256'])[:12]}...): the file was modified or replaced. {rebuild}"
-        )
-    built = (f"TensorRT {sidecar['tensorrt']} on {sidecar['gpu']} "
-             f"(compute capability {sidecar['compute_capability']})")
-    here = f"TensorRT {env.get('tensorrt')} on {env.get('gpu')} (compute capability {env.get('compute_capability')})"
-    if (str(sidecar["tensorrt"]) != env.get("tensorrt") or str(sidecar["gpu"]) != env.get("gpu")
-            or str(sidecar["compute_capability"]) != env.get("compute_capability")):
-        raise ArtifactError(f"{engine_name} was built with {built}; this machine has {here}. {rebuild}")
-    if not isinstance(sidecar["precision"], str) or sidecar["precision"] not in ENGINE_PRECISIONS:
-        raise ArtifactError(f"{engine_name}: unknown precision {sidecar['precision']!r} in its sidecar. {rebuild}")
-    if not isinstance(sidecar["metadata"], Mapping):
-        raise ArtifactError(f"{engine_name}: the sidecar's metadata is not a JSON object. {rebuild}")
-    return OnnxMetadata.from_dict(sidecar["metadata"], origin=f"{engine_name} sidecar")
-
-
-def make_sidecar(*, env: Mapping[str, str], precision: str, profile: BatchProfile, input_name: str,
-                 input_shape: tuple[int, ...], workspace_bytes: int, strongly_typed: bool, onnx_file: str,
-                 onnx_sha256: str, engine_sha256: str, metadata: OnnxMetadata, build_seconds: float) -> dict[str, Any]:
-    """The sidecar dict written next to an engine (pure)."""
-    return {
-        "format": SIDECAR_FORMAT,
-        "format_version": SIDECAR_VERSION,
-        "tensorrt": env["tensorrt"],
-        "gpu": env["gpu"],
-        "compute_capability": env["compute_capability"],
-        "precision": precision,
-        "strongly_typed": strongly_typed,
-        "profile": {**profile.to_dict(), "input": input_name, "shape": list(input_shape)},
-        "workspace_bytes": workspace_bytes,
-        "onnx_file": onnx_file,
-        "onnx_sha256": onnx_sha256,
-        "engine_sha256": engine_sha256,
-        "metadata": metadata.to_dict(),
-        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(build_seconds, 2),
-    }
 
 
 def input_shape_for(metadata: OnnxMetadata, batch: int) -> tuple[int, int, int, int]:
@@ -306,8 +86,6 @@ def onnx_to_engine(
     require_tensorrt()
     import tensorrt as trt  # typed by tensorrt-stubs, so mypy checks every call below
 
-    from tl_deploy.export.metadata import read_onnx_metadata
-
     set_device(device)
     env = current_environment(device)
     start = time.perf_counter()
@@ -318,9 +96,9 @@ def onnx_to_engine(
     if workspace_bytes <= 0:
         raise ExportError(f"Invalid workspace {workspace_bytes} bytes: choose a positive size (e.g. 2 GiB).")
     precision = metadata.precision
-    if precision not in ENGINE_PRECISIONS:
+    if precision not in PRECISIONS:
         raise ExportError(f"{source} has precision {precision!r}; engines are built from "
-                          f"{', '.join(ENGINE_PRECISIONS)} ONNX files.")
+                          f"{', '.join(PRECISIONS)} ONNX files.")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -2,7 +2,16 @@
 
 ``path`` may be a model artifact folder (torch backend), an export folder (the best file in it is
 picked), or a single ``.onnx`` / ``.engine`` file. Backends are imported lazily, so the onnxruntime
-path never imports torch: edge code needs only ``numpy pillow onnxruntime``.
+path never imports torch: edge code needs only ``numpy pillow onnxruntime``. The runtime reads the
+file formats (``tl_deploy.formats``) and nothing from training or export.
+
+=========================  =================================================================
+``runtime.base``           ``Runner``: the lifecycle every backend shares (activate/infer/deactivate)
+``runtime.classifier``     ``Classifier``: runner + metadata + preprocessing; ``Prediction``
+``runtime.gpu``            what this machine offers: GPU index, CUDA, TensorRT, onnxruntime-gpu
+``runtime.catalog``        the named backends of an export folder, for parity and bench
+``runtime.*_backend``      one runner (and its loader) per backend
+=========================  =================================================================
 """
 
 from __future__ import annotations
@@ -17,19 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployError
-from tl_deploy.export.metadata import FLOAT_NCHW
-from tl_deploy.fileio import read_json
-from tl_deploy.runtime.base import Classifier, Prediction, Runner, softmax
+from tl_deploy.formats.export_manifest import (
+    export_file,
+    is_export_folder,
+    listed_files,
+    read_export_manifest,
+    usable_files,
+    verify_export_file,
+)
+from tl_deploy.formats.names import ARTIFACT_CONFIG, ENGINE_SUFFIXES, EXPORT_MANIFEST, ONNX_SUFFIX, PRECISIONS
+from tl_deploy.runtime.base import Runner
+from tl_deploy.runtime.classifier import Classifier, Prediction, softmax
+from tl_deploy.runtime.gpu import gpu_index, ort_gpu_available, tensorrt_available
 
-__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "export_file", "load",
-           "read_export_manifest", "softmax", "verify_export_file"]
+__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "export_choices", "load",
+           "softmax"]
 
 _logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
-EXPORT_MANIFEST = "export.json"
-ARTIFACT_CONFIG = "config.json"
+LOAD_PRECISIONS = ("auto", *PRECISIONS)  # what load(precision=...) accepts
+FASTEST_FIRST = ("int8", "fp16", "fp32")
 
 
 # glibc's mallopt parameter and the size from which blocks are always mmapped (returned on free).
@@ -57,26 +74,6 @@ def fix_mmap_threshold() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
 
 
-def tensorrt_available() -> bool:
-    """True when TensorRT, cuda-python and a CUDA GPU are all present."""
-    from tl_deploy.export.tensorrt import require_tensorrt
-
-    try:
-        require_tensorrt()
-    except BackendUnavailableError:
-        return False
-    return True
-
-
-def ort_gpu_available() -> bool:
-    """Whether onnxruntime's build has the CUDA provider; ``load`` checks that a session really gets it."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, precision: str,
                        tensorrt_ok: bool, ort_gpu: bool) -> tuple[Mapping[str, Any], str]:
     """Pick the file of an export folder to load, and say why (pure).
@@ -88,9 +85,9 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
-    if precision not in PRECISIONS:
-        raise TlDeployError(f"Invalid precision {precision!r}. Only {', '.join(PRECISIONS)} exist.")
-    usable = [f for f in files if f.get("status") == "ok" and f.get("input_layout", FLOAT_NCHW) == FLOAT_NCHW]
+    if precision not in LOAD_PRECISIONS:
+        raise TlDeployError(f"Invalid precision {precision!r}. Only {', '.join(LOAD_PRECISIONS)} exist.")
+    usable = usable_files(files)
     engines = [f for f in usable if f.get("kind") == "engine"]
     onnx_files = [f for f in usable if f.get("kind") == "onnx"]
     if backend == "torch":
@@ -104,7 +101,7 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
         return None
 
     if backend in ("auto", "tensorrt") and engines and tensorrt_ok:
-        order = ("int8", "fp16", "fp32") if precision == "auto" else (precision,)
+        order = FASTEST_FIRST if precision == "auto" else (precision,)
         chosen = by_precision(engines, order)
         if chosen is not None:
             return chosen, "TensorRT is available and the folder has an engine"
@@ -132,62 +129,13 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     return ranked[0], f"onnxruntime ({why})"
 
 
-def read_export_manifest(folder: Path) -> dict[str, Any]:
-    """An export folder's ``export.json``, checked: every entry names a plain file inside the folder."""
-    path = folder / EXPORT_MANIFEST
-    try:
-        manifest = read_json(path)
-    except ValueError as exc:
-        raise ArtifactError(f"Corrupt {path}: {exc}. Re-run the export.") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-        raise ArtifactError(f"{path} is not a tl_deploy export manifest. Re-run the export.")
-    for entry in manifest["files"]:
-        name = entry.get("file") if isinstance(entry, Mapping) else None
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise ArtifactError(f"{path} lists {name!r}, which is not a file there: an export manifest "
-                                f"names only plain file names inside {folder}. Re-run the export.")
-    return manifest
-
-
-def export_file(folder: Path, name: str, manifest: Mapping[str, Any], *, verify: bool = True) -> Path:
-    """The one way to open a file of an export folder: ``name`` must be a file there that
-    ``manifest`` lists, and (``verify``) match its recorded sha256. Returns its path."""
-    path = folder / name
-    if Path(name).name != name or name in ("", ".", "..") or not path.is_file():
-        raise ArtifactError(f"{folder / EXPORT_MANIFEST} lists {name!r}, which is not a file there. "
-                            "Re-run the export.")
-    if not any(isinstance(f, Mapping) and f.get("file") == name for f in manifest["files"]):
-        raise ArtifactError(f"{path} is not listed in {folder / EXPORT_MANIFEST}. Re-run the export.")
-    if verify:
-        verify_export_file(path, manifest)
-    return path
-
-
-def verify_export_file(path: Path, manifest: Mapping[str, Any] | None = None) -> None:
-    """Check ``path`` against the sha256 its folder's export.json records; a lone file passes.
-
-    Raises ``ArtifactError`` when the file was modified, or when export.json lists it without a
-    checksum. Only files that the manifest names are checked (an engine also has its sidecar).
-    """
-    folder = path.parent
-    if manifest is None:
-        if not (folder / EXPORT_MANIFEST).is_file():
-            return
-        manifest = read_export_manifest(folder)
-    entries = [f for f in manifest["files"] if isinstance(f, Mapping) and f.get("file") == path.name]
-    if not entries:
-        return
-    expected = entries[0].get("sha256")
-    if not isinstance(expected, str) or len(expected) != 64:
-        raise ArtifactError(f"{folder / EXPORT_MANIFEST} records no sha256 for {path.name}. Re-run the export.")
-    from tl_deploy.fileio import sha256_file
-
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ArtifactError(
-            f"Export file {path} was modified (sha256 {actual[:12]}..., {EXPORT_MANIFEST} says "
-            f"{expected[:12]}...). Re-export it, or load with verify=False (--no-verify) to use it anyway."
-        )
+def export_choices(folder: Path, *, tensorrt_ok: bool) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs ``load(folder, backend, precision=...)`` can run here: TensorRT
+    engines first when ``tensorrt_ok``, then onnxruntime files; INT8 > FP16 > FP32 within each."""
+    files = usable_files(read_export_manifest(folder)["files"])
+    kinds = ([("tensorrt", "engine")] if tensorrt_ok else []) + [("onnxruntime", "onnx")]
+    return [(backend, precision) for backend, kind in kinds for precision in FASTEST_FIRST
+            if any(f.get("kind") == kind and f.get("precision") == precision for f in files)]
 
 
 def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str = "auto",
@@ -219,9 +167,9 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
         from tl_deploy.runtime.torch_backend import load_torch
 
         classifier = load_torch(path, device=device, verify=verify)
-    elif (path / EXPORT_MANIFEST).is_file():
+    elif is_export_folder(path):
         manifest = read_export_manifest(path)
-        files = [f for f in manifest["files"] if isinstance(f, Mapping)]
+        files = listed_files(manifest)
         has_engine = any(f.get("kind") == "engine" for f in files)
         wants_trt = backend in ("auto", "tensorrt") and device != "cpu" and has_engine
         wants_gpu = device != "cpu" and (providers is None or "CUDAExecutionProvider" in providers)
@@ -259,38 +207,28 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
     return _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
 
 
-def cuda_device_index(device: str | None) -> int:
-    """``None``/``"cuda"`` -> 0, ``"cuda:1"`` -> 1; anything else is refused (TensorRT runs on a GPU)."""
-    if device is None or device == "cuda":
-        return 0
-    head, _, index = device.partition(":")
-    if head != "cuda" or not index.isdigit():
-        raise TlDeployError(f"Invalid device {device!r} for a TensorRT engine: use cuda or cuda:N (N = GPU index).")
-    return int(index)
-
-
 def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
                threads: int | None, device: str | None = None) -> Classifier:
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    if suffix == ONNX_SUFFIX:
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(
                 f"{path.name} is an ONNX file: load it with backend='onnxruntime' (or build an engine "
                 "with python -m tl_deploy.export MODEL_DIR --trt for backend='tensorrt')."
             )
-        from tl_deploy.runtime.onnxruntime_backend import gpu_index, load_onnx
+        from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
         if providers is not None and "TensorrtExecutionProvider" in providers:
-            from tl_deploy.export.tensorrt import check_ort_tensorrt_versions
+            from tl_deploy.runtime.gpu import check_ort_tensorrt_versions
 
             check_ort_tensorrt_versions()
         if providers is None and device == "cpu":
             providers = ["CPUExecutionProvider"]
         return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads)
-    if suffix in (".engine", ".plan"):
+    if suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
             raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
-        return load_engine(path, device=cuda_device_index(device))
+        return load_engine(path, device=gpu_index(device, gpu_only=True))
     raise ArtifactError(f"Unknown model file type {path.name!r}: expected .onnx or .engine.")

@@ -1,38 +1,76 @@
-"""One small interface for every backend (after Polygraphy's runners) and the classifier on top.
+"""One small interface for every backend, with one lifecycle (after Polygraphy's ``BaseRunner``).
 
-A ``Runner`` turns a batch in the graph's native layout into logits; it knows nothing about images.
-A ``Classifier`` owns a runner plus the model's metadata and does the artifact's own preprocessing
-(``tl_deploy.preprocess``), so every backend sees exactly the same input. numpy + Pillow only.
+A ``Runner`` turns a batch in the graph's native layout into an output array; it knows nothing
+about images or class names (that is the ``Classifier``'s job, ``runtime.classifier``).
 
-Thread safety: ``Classifier.predict``/``infer`` may be called from several threads when
-``runner.thread_safe`` is true (onnxruntime: ``InferenceSession.run`` is thread-safe; torch: eval
-mode under ``inference_mode``, every forward pass on the runner's one inference thread). The
-TensorRT runner owns one execution context and CUDA buffers, so it serialises calls with a lock
-(correct, not parallel): create one classifier per thread to run engines concurrently.
+Lifecycle: ``__init__`` stores settings only and acquires nothing; ``activate()`` acquires the
+session, engine or device memory; ``deactivate()`` (alias ``close()``) releases it. The public
+``infer()`` is a template method: it checks that the runner is active, validates the batch against
+the runner's ``input_spec()`` (dtype, rank, fixed dimensions, batch within limits), times the call
+(``last_inference_time()``) and only then calls the subclass's ``_infer_impl``. Runners are context
+managers, and a runner dropped while still active says so with a ``ResourceWarning`` (like an
+unclosed file) and releases what it holds. numpy only.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NamedTuple, Union
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tl_deploy.errors import ArtifactError, DataError
-from tl_deploy.export.metadata import FLOAT_NCHW, UINT8_NHWC, OnnxMetadata
-from tl_deploy.preprocess import ImageInput, denormalize, prepare, prepare_uint8
+from tl_deploy.errors import DataError, TlDeployError
+from tl_deploy.formats.names import FLOAT_NCHW
 
 _logger = logging.getLogger(__name__)
 
-Images = Union[ImageInput, Sequence[ImageInput]]
-DEFAULT_CHUNK = 64  # images per runner call when the backend sets no limit
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a runner's one input accepts: its name, dtype and shape (None: any size on that axis)."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]  # (N, ...) with N the batch axis
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name!r} {self.dtype} ({dims})"
+
+
+def batch_problem(batch: Any, spec: InputSpec | None, *, max_batch: int | None = None) -> str | None:
+    """Why ``batch`` cannot go to a runner with input ``spec`` and these batch limits, or None (pure)."""
+    if not isinstance(batch, np.ndarray):
+        return f"a numpy array is needed, got {type(batch).__name__}"
+    if batch.ndim == 0 or batch.shape[0] < 1:
+        return f"an empty batch (shape {batch.shape})"
+    n = int(batch.shape[0])
+    if max_batch is not None and n > max_batch:
+        return f"batch {n} is over the runner's maximum {max_batch}: split it into batches of at most {max_batch}"
+    if spec is None:
+        return None
+    if batch.dtype != spec.dtype:
+        return f"dtype {batch.dtype}, but input {spec.describe()} takes {spec.dtype}"
+    if batch.ndim != len(spec.shape):
+        return f"shape {batch.shape} has {batch.ndim} dimensions, but input {spec.describe()} has {len(spec.shape)}"
+    wrong = [(axis, got, want) for axis, (got, want) in enumerate(zip(batch.shape, spec.shape))
+             if axis > 0 and want is not None and got != want]
+    if wrong:
+        axis, got, want = wrong[0]
+        return f"shape {batch.shape} has {got} on axis {axis}, but input {spec.describe()} needs {want}"
+    return None
 
 
 class Runner(abc.ABC):
-    """Runs one model on one backend: native input batch -> float32 logits (N, num_classes)."""
+    """Runs one model on one backend: native input batch -> float32 output (N, ...), usually logits.
+
+    Subclasses write ``_activate_impl``, ``_infer_impl``, ``_deactivate_impl`` and (optionally)
+    ``input_spec``; callers use ``activate``/``infer``/``deactivate`` or a ``with`` block.
+    """
 
     backend_name: str = "runner"  # "torch", "onnxruntime", "tensorrt"
     precision: str = "fp32"  # "fp32", "fp16" or "int8"
@@ -40,165 +78,80 @@ class Runner(abc.ABC):
     thread_safe: bool = True  # may infer() be called concurrently?
     max_batch: int | None = None  # largest batch one call accepts (None: any)
     device: str = "cpu"  # where it runs, for humans ("cpu", "cuda:0", ...)
+    is_active: bool = False  # between activate() and deactivate()
+    _last_time: float | None = None
 
-    @abc.abstractmethod
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32 or (N, H, W, 3) uint8 -> (N, C) float32 logits."""
+    # ------------------------------------------------------------------ lifecycle
+    def activate(self) -> None:
+        """Acquire what inference needs (session, engine, device memory); a second call does nothing."""
+        if self.is_active:
+            _logger.debug("%r is already active", self)
+            return
+        self._activate_impl()
+        self.is_active = True
 
-    def close(self) -> None:  # noqa: B027  (optional hook: most runners hold nothing to release)
-        """Release sessions, contexts and device buffers."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.backend_name}, {self.precision}, {self.device})"
-
-
-class Prediction(NamedTuple):
-    """Top-k labels and probabilities for each image: ``labels[i][j]`` goes with ``probabilities[i, j]``."""
-
-    labels: list[list[str]]  # (N, k) class names, most likely first
-    probabilities: np.ndarray  # (N, k) float32 softmax probabilities
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 for stability, returned as float32."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)  # (N, C)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _as_list(images: Images) -> list[ImageInput]:
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]  # (N, H, W, C) is a batch of images
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    return [images]  # type: ignore[list-item]
-
-
-class Classifier:
-    """An image classifier on any backend, with the artifact's preprocessing and class names."""
-
-    def __init__(self, runner: Runner, metadata: OnnxMetadata, source: Path) -> None:
-        if runner.input_layout != metadata.input_layout:
-            raise DataError(
-                f"Runner expects {runner.input_layout} but the metadata says {metadata.input_layout}."
-            )
-        self.runner = runner
-        self.metadata = metadata
-        self.source = source  # the file or folder the model was loaded from
-
-    # The facts callers usually want, flat.
-    @property
-    def backend_name(self) -> str:
-        return self.runner.backend_name
-
-    @property
-    def precision(self) -> str:
-        return self.runner.precision
-
-    @property
-    def device(self) -> str:
-        return self.runner.device
-
-    @property
-    def thread_safe(self) -> bool:
-        return self.runner.thread_safe
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.metadata.class_names)
-
-    @property
-    def spec(self):  # type: ignore[no-untyped-def]
-        return self.metadata.spec
-
-    def __repr__(self) -> str:
-        return (f"Classifier({self.source}, backend={self.backend_name}, precision={self.precision}, "
-                f"device={self.device}, classes={len(self.class_names)})")
-
-    def preprocess(self, images: Images) -> np.ndarray:
-        """Images -> the runner's native batch: (N, 3, H, W) float32 or (N, H, W, 3) uint8."""
-        items = _as_list(images)
-        if not items:
-            raise DataError("No images given: pass a path, PIL image, array, or a list of them.")
-        convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
-        return np.stack([convert(item, self.metadata.spec) for item in items])
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32, preprocessed like ``preprocess.prepare`` -> (N, C) float32 logits.
-
-        For a baked-preprocess graph the batch is turned back into uint8 pixels first (exact for
-        inputs that came from ``prepare``).
-        """
-        size = self.metadata.spec.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or batch.dtype != np.float32:
-            raise DataError(
-                f"infer() takes a (N, 3, {size}, {size}) float32 batch, got {batch.shape} {batch.dtype}."
-            )
-        if self.runner.input_layout == UINT8_NHWC:
-            batch = np.stack([denormalize(x, self.metadata.spec) for x in batch])  # (N, H, W, 3)
-        return self._run(batch)
-
-    def _run(self, native: np.ndarray) -> np.ndarray:
-        chunk = self.runner.max_batch or DEFAULT_CHUNK
-        if len(native) <= chunk:
-            logits = self.runner.infer(np.ascontiguousarray(native))
-        else:
-            logits = np.concatenate([self.runner.infer(np.ascontiguousarray(native[i:i + chunk]))
-                                     for i in range(0, len(native), chunk)])
-        want = (len(native), len(self.metadata.class_names))
-        if logits.shape != want:  # a graph with symbolic output dimensions is only checked here
-            raise ArtifactError(f"{self.source} returned logits of shape {logits.shape} for {want[0]} image(s), "
-                                f"but its metadata lists {want[1]} classes: expected {want}. Re-export it.")
-        return logits
-
-    def predict_proba(self, images: Images) -> np.ndarray:
-        """Images -> (N, C) class probabilities."""
-        return softmax(self._run(self.preprocess(images)))
-
-    def predict(self, images: Images, top_k: int = 1) -> Prediction:
-        """Top-k labels and probabilities for one image or a list of images (always batch-shaped)."""
-        self._check_top_k(top_k)
-        return self._top_k(self.predict_proba(images), top_k)
-
-    def predict_each(self, images: Images, top_k: int = 1) -> list[Prediction | DataError]:
-        """Like ``predict``, but an image that cannot be read costs only its own result: one entry
-        per image, a one-image ``Prediction`` or the ``DataError`` that says what is wrong with it."""
-        self._check_top_k(top_k)
-        items = _as_list(images)
-        convert = prepare if self.runner.input_layout == FLOAT_NCHW else prepare_uint8
-        errors: dict[int, DataError] = {}
-        arrays: list[np.ndarray] = []
-        for i, item in enumerate(items):
-            try:
-                arrays.append(convert(item, self.metadata.spec))
-            except DataError as exc:
-                errors[i] = exc
-        batch = self._top_k(softmax(self._run(np.stack(arrays))), top_k) if arrays else None
-        out: list[Prediction | DataError] = []
-        row = 0
-        for i in range(len(items)):
-            if i in errors or batch is None:
-                out.append(errors[i])
-                continue
-            out.append(Prediction(labels=[batch.labels[row]], probabilities=batch.probabilities[row:row + 1]))
-            row += 1
-        return out
-
-    def _check_top_k(self, top_k: int) -> None:
-        num_classes = len(self.metadata.class_names)
-        if not 1 <= top_k <= num_classes:
-            raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
-
-    def _top_k(self, probs: np.ndarray, top_k: int) -> Prediction:
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
-        labels = [[self.metadata.class_names[j] for j in row] for row in order]
-        return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
+    def deactivate(self) -> None:
+        """Release what ``activate`` acquired; a runner that is not active is left as it is."""
+        if not self.is_active:
+            return
+        try:
+            self._deactivate_impl()
+        finally:
+            self.is_active = False
 
     def close(self) -> None:
-        self.runner.close()
+        """The same as ``deactivate``: release sessions, contexts and device buffers."""
+        self.deactivate()
 
-    def __enter__(self) -> Classifier:
+    def __enter__(self) -> Runner:
+        self.activate()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.deactivate()
+
+    def __del__(self) -> None:
+        if not getattr(self, "is_active", False):
+            return
+        try:
+            warnings.warn(f"{self!r} was activated but never deactivated: call close() or use a with block.",
+                          ResourceWarning, stacklevel=2)
+            self.deactivate()
+        except Exception:  # interpreter shutdown: the backend may already be gone
+            pass
+
+    # ------------------------------------------------------------------ inference
+    def input_spec(self) -> InputSpec | None:
+        """The one input's name, dtype and shape (valid once active); None: not checked here."""
+        return None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 or (N, H, W, 3) uint8 (any array ``input_spec`` accepts) -> (N, ...) float32."""
+        if not self.is_active:
+            raise TlDeployError(f"{self!r} is not active: call activate() first, or use it in a with block.")
+        problem = batch_problem(batch, self.input_spec(), max_batch=self.max_batch)
+        if problem:
+            raise DataError(f"{self!r} cannot run this batch: {problem}.")
+        start = time.perf_counter()
+        out = self._infer_impl(batch)
+        self._last_time = time.perf_counter() - start
+        return out
+
+    def last_inference_time(self) -> float | None:
+        """Seconds the last ``infer`` spent in the backend (without the input checks); None before any."""
+        return self._last_time
+
+    # ------------------------------------------------------------------ what subclasses write
+    @abc.abstractmethod
+    def _activate_impl(self) -> None:
+        """Acquire the backend's resources."""
+
+    @abc.abstractmethod
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        """Run a checked batch."""
+
+    def _deactivate_impl(self) -> None:  # noqa: B027  (optional hook: some runners hold nothing to release)
+        """Release the backend's resources."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend_name}, {self.precision}, {self.device})"

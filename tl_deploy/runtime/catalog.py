@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from tl_deploy.errors import TlDeployError
-from tl_deploy.export.metadata import UINT8_NHWC
-from tl_deploy.runtime.base import Classifier
+from tl_deploy.formats.export_manifest import export_file, read_export_manifest
+from tl_deploy.formats.names import UINT8_NHWC
+from tl_deploy.runtime.classifier import Classifier
+from tl_deploy.runtime.gpu import gpu_index
 
 # name -> (precision, the export options that write its file)
 EXPORT_BACKENDS: dict[str, tuple[str, str]] = {
@@ -121,29 +123,6 @@ def resolve_backends(names: Sequence[str], files: Sequence[Mapping[str, Any]], *
     return choices
 
 
-def tensorrt_problem() -> str | None:
-    """Why TensorRT cannot run here, or None when it can."""
-    from tl_deploy.errors import BackendUnavailableError
-    from tl_deploy.export.tensorrt import require_tensorrt
-
-    try:
-        require_tensorrt()
-    except BackendUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-def cuda_problem() -> str | None:
-    """Why torch cannot use a CUDA GPU here, or None when it can."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA GPU"
-    return None
-
-
 def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, device: str = "cpu",
                  threads: int | None = None, spin: bool = True, verify: bool = True) -> Classifier:
     """Load a runnable backend through the same checks as ``runtime.load``: the artifact's manifest,
@@ -151,21 +130,20 @@ def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, de
 
     ``device``: torch device; ``threads``/``spin``: onnxruntime options.
     """
-    from tl_deploy.runtime import export_file, read_export_manifest
-
     if not choice.runnable:
         raise TlDeployError(f"Backend {choice.name} cannot run here: {choice.skip_reason}.")
     if choice.name in TORCH_BACKENDS:
         from tl_deploy.runtime.torch_backend import load_torch
 
         return load_torch(model_dir, device=device, verify=verify, cuda_graphs=choice.name == "torch-cudagraph")
-    assert choice.file is not None  # resolve_backends gives every export backend its file
+    if choice.file is None:
+        raise TlDeployError(f"Backend {choice.name} names no file of {export_dir}: resolve it with resolve_backends.")
     path = export_file(export_dir, choice.file, read_export_manifest(export_dir), verify=verify)
     if choice.name.startswith("trt-"):
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
-        return load_engine(path)
-    from tl_deploy.runtime.onnxruntime_backend import gpu_index, load_onnx
+        return load_engine(path, device=gpu_index(device))
+    from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
     # The CPU-tuned INT8 file runs where it was tuned for; the others use onnxruntime's default providers.
     providers = ["CPUExecutionProvider"] if choice.name in ("onnx-int8", "onnx-int8-qdq") else None

@@ -1,9 +1,15 @@
-"""The reference backend: the artifact's own PyTorch module, in eval mode under ``inference_mode``."""
+"""The reference backend: the artifact's own PyTorch module, in eval mode under ``inference_mode``.
+
+It computes in true FP32: on CUDA, TF32 (10-bit mantissa convolutions and matmuls) is switched off
+for every call, so the reference that parity compares exports with is the same on a GPU as on a CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,10 +17,28 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import BackendUnavailableError
-from tl_deploy.export.metadata import OnnxMetadata
-from tl_deploy.runtime.base import Classifier, Runner
+from tl_deploy.formats.metadata import OnnxMetadata
+from tl_deploy.runtime.base import InputSpec, Runner
+from tl_deploy.runtime.classifier import Classifier
 
 _logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def strict_fp32(torch: Any) -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block (restored after)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _float_input(shape: tuple[int, ...] | None) -> InputSpec:
+    """A float32 (N, C, H, W) input, with the fixed (C, H, W) when known."""
+    dims: tuple[int | None, ...] = tuple(shape) if shape is not None else (None, None, None)
+    return InputSpec("input", np.dtype(np.float32), (None, *dims))
 
 
 class TorchRunner(Runner):
@@ -31,29 +55,42 @@ class TorchRunner(Runner):
     precision = "fp32"
     thread_safe = True
 
-    def __init__(self, model: object, device: str = "cpu") -> None:
+    def __init__(self, model: object, device: str = "cpu", *, input_shape: tuple[int, ...] | None = None) -> None:
+        """``input_shape``: the (C, H, W) every batch must have (None: any float32 (N, C, H, W))."""
+        self.model = model
+        self.device = device
+        self._spec = _float_input(input_shape)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _activate_impl(self) -> None:
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(
-                f"Device {device!r} asked for but torch sees no CUDA GPU: use device='cpu'."
+                f"Device {self.device!r} asked for but torch sees no CUDA GPU: use device='cpu'."
             )
         self._torch = torch
-        self.model = model.to(device).eval()  # type: ignore[attr-defined]
-        self.device = device
+        self.model = self.model.to(self.device).eval()  # type: ignore[attr-defined]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tl_deploy-torch")
+
+    def input_spec(self) -> InputSpec | None:
+        return self._spec
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with torch.inference_mode():
+        exact = strict_fp32(torch) if self.device.startswith("cuda") else contextlib.nullcontext()
+        with torch.inference_mode(), exact:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)  # (N, 3, H, W)
-            return self.model(x).float().cpu().numpy()  # type: ignore[no-any-return]
+            return self.model(x).float().cpu().numpy()  # type: ignore[operator, no-any-return]
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        assert self._executor is not None  # set by activate, which infer() checked
         return self._executor.submit(self._forward, batch).result()
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def _deactivate_impl(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 class TorchCudaGraphRunner(Runner):
@@ -67,7 +104,7 @@ class TorchCudaGraphRunner(Runner):
     precision = "fp32"
     thread_safe = True  # through the lock
 
-    def __init__(self, model: object, device: str = "cuda") -> None:
+    def __init__(self, model: object, device: str = "cuda", *, input_shape: tuple[int, ...] | None = None) -> None:
         import torch
 
         if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -80,10 +117,17 @@ class TorchCudaGraphRunner(Runner):
         # is current in the calling thread, so a runner given cuda:1 never captures on GPU 0.
         index = torch.device(device).index
         self._gpu = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-        self.model = model.to(self._gpu).eval()  # type: ignore[attr-defined]
+        self.model = model
         self.device = str(self._gpu)
+        self._spec = _float_input(input_shape)
         self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
+
+    def _activate_impl(self) -> None:
+        self.model = self.model.to(self._gpu).eval()  # type: ignore[attr-defined]
+
+    def input_spec(self) -> InputSpec | None:
+        return self._spec
 
     def _capture(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
         torch = self._torch
@@ -92,16 +136,16 @@ class TorchCudaGraphRunner(Runner):
         side.wait_stream(torch.cuda.current_stream(self._gpu))
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(3):  # cuDNN picks its kernels before capture, on a side stream
-                self.model(static_in)
+                self.model(static_in)  # type: ignore[operator]
         torch.cuda.current_stream(self._gpu).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, stream=side):
-            static_out = self.model(static_in)  # (N, C)
+            static_out = self.model(static_in)  # type: ignore[operator]  # (N, C)
         return graph, static_in, static_out
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with self._lock, torch.cuda.device(self._gpu):
+        with self._lock, torch.cuda.device(self._gpu), strict_fp32(torch):
             shape = tuple(int(d) for d in batch.shape)
             if shape not in self._graphs:
                 self._graphs[shape] = self._capture(shape)
@@ -109,6 +153,10 @@ class TorchCudaGraphRunner(Runner):
             static_in.copy_(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
             graph.replay()
             return static_out.float().cpu().numpy()  # type: ignore[no-any-return]
+
+    def _deactivate_impl(self) -> None:
+        with self._lock:
+            self._graphs.clear()  # the captured graphs and their static buffers
 
 
 def load_torch(path: Path, *, device: str | None = None, verify: bool = True,
@@ -124,6 +172,7 @@ def load_torch(path: Path, *, device: str | None = None, verify: bool = True,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     artifact = load_artifact(path, verify=verify)
-    runner: Runner = TorchCudaGraphRunner(artifact.model, device=device) if cuda_graphs else \
-        TorchRunner(artifact.model, device=device)
+    size = artifact.spec.input_size
+    runner: Runner = TorchCudaGraphRunner(artifact.model, device=device, input_shape=(3, size, size)) \
+        if cuda_graphs else TorchRunner(artifact.model, device=device, input_shape=(3, size, size))
     return Classifier(runner, OnnxMetadata.from_artifact(artifact), path)

@@ -68,16 +68,16 @@ def fit(cfg: TrainConfig) -> Path:
     with distributed.process_group(resolve_device(cfg.device)) as dist:
         run = setup(cfg, dist)
         network = build(run)
-        cache = prepare_stage_cache(run, network)
-        if cfg.probes and not run.resumes_finetuning():
-            linear_probe(run, network, cache)
-        run.amp = settle_amp(run, network, cache)
-        run.timings["setup_and_probe"] = time.perf_counter()
-        if cfg.finetunes:
-            finetune(run, network, cache)
-        run.timings["finetune"] = time.perf_counter()
-        results = final_evaluation(run, network, cache)
-        return write_artifact(run, network, cache, results)
+        with prepare_stage_cache(run, network) as cache:
+            if cfg.probes and not run.resumes_finetuning():
+                linear_probe(run, network, cache)
+            run.amp = settle_amp(run, network, cache)
+            run.timings["setup_and_probe"] = time.perf_counter()
+            if cfg.finetunes:
+                finetune(run, network, cache)
+            run.timings["finetune"] = time.perf_counter()
+            results = final_evaluation(run, network, cache)
+            return write_artifact(run, network, cache, results)
 
 
 # ----------------------------------------------------------------------------- setup

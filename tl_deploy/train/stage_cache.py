@@ -33,6 +33,8 @@ from tl_deploy.data import Sample
 from tl_deploy.errors import TlDeployError
 from tl_deploy.export.onnx import DEFAULT_OPSET, export_graph
 from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.runtime.base import Runner
+from tl_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 from tl_deploy.train.distributed import SINGLE, DistContext
 from tl_deploy.train.feature_cache import compute_activations, compute_features
 
@@ -76,9 +78,15 @@ def _onnxruntime_available() -> bool:
 class FrozenForward:
     """``x -> outputs`` of frozen layers; ``runtime`` says which runtime computes them."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], runtime: str) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], runtime: str,
+                 runner: Runner | None = None) -> None:
         self._forward = forward
         self.runtime = runtime
+        self._runner = runner  # what holds the onnxruntime session, released by close()
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)
@@ -108,7 +116,8 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, de
     if chosen == "onnxruntime":
         was_training = module.training
         try:
-            return FrozenForward(_onnxruntime_forward(_Call(module, fn).eval(), example.cpu()), "onnxruntime")
+            forward, runner = _onnxruntime_forward(_Call(module, fn).eval(), example.cpu())
+            return FrozenForward(forward, "onnxruntime", runner)
         except Exception as exc:  # the exporter raises many types
             if runtime == "onnxruntime":
                 raise TlDeployError(f"--cache-runtime onnxruntime could not export the frozen layers "
@@ -132,26 +141,23 @@ def frozen_forward(module: nn.Module, example: torch.Tensor, *, runtime: str, de
     return FrozenForward(torch_forward, "torch")
 
 
-def _onnxruntime_forward(net: nn.Module, example: torch.Tensor) -> Forward:
-    import onnxruntime as ort
-
+def _onnxruntime_forward(net: nn.Module, example: torch.Tensor) -> tuple[Forward, Runner]:
+    """``net`` exported to an in-memory ONNX graph, run by the runtime's onnxruntime runner (CPU)."""
     with tempfile.TemporaryDirectory(prefix="tl_deploy-frozen-") as tmp:
         path = Path(tmp) / "frozen.onnx"
         # The TorchScript exporter: ~1 s, folds BatchNorm; dynamo's is many times slower to export.
         export_graph(net, example.contiguous(), path, input_name="x", output_name="y", opset=DEFAULT_OPSET,
                      exporter="torchscript")
         graph = path.read_bytes()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
     # No busy-waiting between batches: the same cores decode the next batch of images meanwhile.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    runner = OnnxRuntimeRunner(graph, providers=["CPUExecutionProvider"], threads=torch.get_num_threads(),
+                               spin=False)
+    runner.activate()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = session.run(None, {"x": x.float().contiguous().numpy()})[0]
-        return torch.from_numpy(y)
+        return torch.from_numpy(runner.infer(x.float().contiguous().numpy()))
 
-    return forward
+    return forward, runner
 
 
 def cut_for_cache(model: nn.Module, train_stages: int, input_size: int, device: torch.device,
@@ -187,6 +193,7 @@ class StageCache:
         self.used: set[str] = set()  # runtimes that really ran a pass
         self.activations: dict[str, torch.Tensor] = {}  # split name -> (N, C, h, w) prefix outputs
         self._features: FrozenForward | None = None  # built on the first feature pass (an export takes ~1 s)
+        self._opened: list[FrozenForward] = []  # every forward built, to release their sessions
 
     @property
     def suffix(self) -> StageSuffix | None:
@@ -198,7 +205,20 @@ class StageCache:
         """``x -> call(module, x)`` without gradients, on the cache runtime."""
         forward = frozen_forward(module, example, runtime=self._choice, device=self.device, call=call)
         self.used.add(forward.runtime)
+        self._opened.append(forward)
         return forward
+
+    def close(self) -> None:
+        """Release the sessions of every pass (the activations stay)."""
+        for forward in self._opened:
+            forward.close()
+        self._opened.clear()
+
+    def __enter__(self) -> StageCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def fill(self, splits: dict[str, Sequence[Sample]], spec: PreprocessSpec, *, batch_size: int,
              workers: int) -> None:

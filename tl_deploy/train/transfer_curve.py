@@ -292,7 +292,7 @@ def curve_png(summary: Sequence[dict[str, Any]], methods: Sequence[str], shots: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tl_deploy.reports import _png
+    from tl_deploy.reports import png_bytes
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = list(range(len(shots)))
@@ -306,7 +306,7 @@ def curve_png(summary: Sequence[dict[str, Any]], methods: Sequence[str], shots: 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def write_outputs(out: Path, result: dict[str, Any], cc: CurveConfig) -> None:

@@ -9,30 +9,22 @@ JSON sidecar. This module needs only the standard library, numpy and Pillow (via
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_deploy import __version__
-from tl_deploy.errors import ArtifactError, DataError, ExportError
+from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.fileio import parse_json
+from tl_deploy.formats.names import FLOAT_NCHW, INPUT_LAYOUTS, PRECISIONS
 from tl_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
-    import onnx
-
     from tl_deploy.artifact import Artifact
 
 FORMAT = "tl_deploy.onnx"
 FORMAT_VERSION = 1
 PREFIX = "tl_deploy."
-
-FLOAT_NCHW = "float32_nchw"  # (N, 3, H, W) float32, normalised by the PreprocessSpec
-UINT8_NHWC = "uint8_nhwc"  # (N, H, W, 3) uint8 RGB, resized and cropped; the graph normalises
-INPUT_LAYOUTS = (FLOAT_NCHW, UINT8_NHWC)
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -200,22 +192,3 @@ def read_onnx_metadata(path: str) -> OnnxMetadata:
 
     model = onnx.load(path, load_external_data=False)
     return OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, origin=path)
-
-
-def load_float32_source(onnx_path: str | os.PathLike[str], action: str) -> tuple[onnx.ModelProto, OnnxMetadata]:
-    """The float32 NCHW tl_deploy ONNX file a converter starts from, and its metadata.
-
-    ``action`` completes the refusal of any other graph, e.g. ``"quantize"`` -> "...: quantize the
-    float32 model.onnx (without --bake-preprocess)."
-    """
-    import onnx
-
-    source = Path(onnx_path)
-    if not source.is_file():
-        raise ExportError(f"ONNX file not found: {source}. Export the FP32 model first.")
-    model = onnx.load(str(source))
-    metadata = OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, origin=str(source))
-    if metadata.input_layout != FLOAT_NCHW or metadata.precision != "fp32":
-        raise ExportError(f"{source} is a {metadata.precision} {metadata.input_layout} graph: {action} the float32 "
-                          "model.onnx (without --bake-preprocess).")
-    return model, metadata
