@@ -33,6 +33,7 @@ import numpy as np
 from tl_deploy.cli import (
     COUNT,
     EXIT_OK,
+    INTERRUPTED_NOTHING_KEPT,
     POSITIVE_INT,
     Range,
     add_device,
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before torch is imported: its idle OpenMP workers wait passively instead of spinning on the
     # cores of the backend being timed (onnxruntime's pools get the same rule per session).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return run_cli(bench, get_args_parser().parse_args(argv))
+    return run_cli(bench, get_args_parser().parse_args(argv), interrupted=INTERRUPTED_NOTHING_KEPT)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        for action in self._actions:  # argparse names an option by all its strings: leave out the earlier ones
+            hidden = getattr(action, "old_names", ())
+            if hidden:
+                shown = "/".join(f for f in action.option_strings if f not in hidden)
+                message = message.replace("/".join(action.option_strings), shown)
         self.exit(EXIT_CANNOT_RUN, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
@@ -302,6 +307,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 INTERRUPTED = "interrupted; nothing half-written was kept (use --resume to continue training)."
+INTERRUPTED_NOTHING_KEPT = "interrupted; nothing half-written was kept."  # verbs that do not train
 
 
 def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace, *,

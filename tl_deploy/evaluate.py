@@ -18,6 +18,7 @@ import torch
 from tl_deploy.artifact import Artifact, load_artifact
 from tl_deploy.cli import (
     EXIT_OK,
+    INTERRUPTED_NOTHING_KEPT,
     POSITIVE_INT,
     add_limit,
     add_threads,
@@ -112,7 +113,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(evaluate, get_args_parser().parse_args(argv))
+    return run_cli(evaluate, get_args_parser().parse_args(argv), interrupted=INTERRUPTED_NOTHING_KEPT)
 
 
 if __name__ == "__main__":

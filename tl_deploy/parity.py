@@ -28,6 +28,7 @@ import numpy as np
 from tl_deploy.cli import (
     EXIT_FAILED,
     EXIT_OK,
+    INTERRUPTED_NOTHING_KEPT,
     add_device,
     add_limit,
     add_report,
@@ -513,7 +514,7 @@ def check_parity(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(check_parity, get_args_parser().parse_args(argv))
+    return run_cli(check_parity, get_args_parser().parse_args(argv), interrupted=INTERRUPTED_NOTHING_KEPT)
 
 
 if __name__ == "__main__":

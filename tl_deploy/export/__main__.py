@@ -82,12 +82,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="builder workspace limit in GiB")
     g.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
                    help="timing cache file reused across builds (default: <out>/../trt_timing.cache)")
-    g.add_argument("--device", type=COUNT, default=0, metavar="N",
-                   help="CUDA device index to build and check the engines on")
+    g.add_argument("--device", type=cuda_index, default=0, metavar="N",
+                   help="CUDA device index to build and check the engines on (N or cuda:N)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration and check image pick")
     add_verbose(p)
     return p
+
+
+def cuda_index(text: str) -> int:
+    """``--device``: a CUDA device index, written N or cuda:N (TensorRT builds on a GPU, so no cpu/auto)."""
+    if text.startswith("cuda:"):
+        text = text[len("cuda:"):]
+    return int(COUNT(text))
 
 
 def refuse_no_ops(args: argparse.Namespace) -> None:
