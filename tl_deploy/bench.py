@@ -45,6 +45,7 @@ from tl_deploy.cli import (
     old_names,
     refuse_unused,
     run_cli,
+    usage_errors,
 )
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError, UsageError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
@@ -387,9 +388,10 @@ def refuse_no_ops(args: argparse.Namespace) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     """The bench verb: time, print the table, write the JSON and the plot."""
-    config = BenchConfig(batches=parse_batches(args.batch), rounds=args.rounds, seconds=args.seconds,
-                         warmup=args.warmup, e2e_images=args.e2e_images)
-    backends = parse_backends(args.backends)
+    with usage_errors():
+        config = BenchConfig(batches=parse_batches(args.batch), rounds=args.rounds, seconds=args.seconds,
+                             warmup=args.warmup, e2e_images=args.e2e_images)
+        backends = parse_backends(args.backends)
     refuse_no_ops(args)
     export_dir = args.export or Path("export") / args.model_dir.resolve().name
     if args.data is not None and not args.data.is_dir():

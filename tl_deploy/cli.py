@@ -25,7 +25,8 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -148,6 +149,18 @@ def refuse_unused(args: argparse.Namespace, dests: Sequence[str], why: str) -> N
         spelled = getattr(args, "_given_flags", {})
         flags = ", ".join(spelled.get(d, "--" + d.replace("_", "-")) for d in named)
         raise UsageError(f"{flags} {'does' if len(named) == 1 else 'do'} nothing {why}.")
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Inside: a ``TlDeployError`` raised while reading the command line's values (a backend name, a
+    tolerance, a batch list) is a usage error, exit code 2, with the same message."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except TlDeployError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def new_parser(verb: str, description: str) -> OneLineParser:

@@ -39,6 +39,7 @@ from tl_deploy.cli import (
     refuse_unused,
     resolve_device,
     run_cli,
+    usage_errors,
 )
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.export.metadata import OnnxMetadata
@@ -486,10 +487,11 @@ def refuse_no_ops(args: argparse.Namespace, backends: Sequence[str]) -> None:
 
 def check_parity(args: argparse.Namespace) -> int:
     """The parity verb: compare, print the table and the verdict lines, write the reports."""
-    tol = tolerances(atol=parse_overrides(args.atol, "--atol", low=0.0),
-                     max_acc_drop=parse_overrides(args.max_acc_drop, "--max-acc-drop", low=0.0, high=100.0),
-                     min_agreement=parse_overrides(args.min_agreement, "--min-agreement", low=0.0, high=100.0))
-    backends = parse_backends(args.backends)
+    with usage_errors():
+        tol = tolerances(atol=parse_overrides(args.atol, "--atol", low=0.0),
+                         max_acc_drop=parse_overrides(args.max_acc_drop, "--max-acc-drop", low=0.0, high=100.0),
+                         min_agreement=parse_overrides(args.min_agreement, "--min-agreement", low=0.0, high=100.0))
+        backends = parse_backends(args.backends)
     refuse_no_ops(args, backends)
     export_dir = args.export or Path("export") / args.model_dir.resolve().name
     json_path, md_path = report_paths(export_dir, args.split)
