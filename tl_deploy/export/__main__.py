@@ -7,10 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tl_deploy.cli import (
     COUNT,
+    EXIT_OK,
     POSITIVE,
     POSITIVE_INT,
     SEED,
@@ -22,6 +23,9 @@ from tl_deploy.cli import (
     run_cli,
 )
 from tl_deploy.errors import ArtifactError, DataError, UsageError
+
+if TYPE_CHECKING:
+    from tl_deploy.export.tensorrt import BatchProfile
 
 INT8_ONLY = ("calib_samples", "calib_method", "int8_cpu")  # used only with --int8
 TRT_ONLY = ("trt_profile", "workspace_gb", "timing_cache", "device")  # used only with --trt
@@ -121,7 +125,7 @@ def resolve_opset(args: argparse.Namespace) -> int:
     return int(args.opset)
 
 
-def parse_trt_profile(args: argparse.Namespace) -> Any:
+def parse_trt_profile(args: argparse.Namespace) -> BatchProfile:
     """``--trt-profile`` as a ``BatchProfile``; a malformed one is a usage error (exit code 2)."""
     from tl_deploy.export.tensorrt import parse_batch_profile
 
@@ -142,6 +146,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
+    """The export verb: check the options, export, print the table of files written."""
     from tl_deploy.export import MANIFEST, ExportOptions, export_artifact, format_table
 
     quiet_libraries(args.verbose)
@@ -159,7 +164,7 @@ def export(args: argparse.Namespace) -> int:
     rows = export_artifact(args.model_dir, out, options)
     print(format_table(rows))
     print(f"wrote {out}/ ({MANIFEST} lists the files)")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
