@@ -168,16 +168,17 @@ fi
 
 FAILED=0
 step "parity (PyTorch FP32 on the CPU is the reference)"
-"$PYTHON" -m tl_deploy.parity "$MODEL" --export "$EXPORT" --data "$DATA" "${PARITY_LIMIT[@]}" || FAILED=1
+"$PYTHON" -m tl_deploy.parity "$MODEL" --export "$EXPORT" --data "$DATA" --device cpu "${PARITY_LIMIT[@]}" || FAILED=1
 if [[ $TRT_OK == 1 ]]; then
-  "$PYTHON" -m tl_deploy.parity "$MODEL" --export "$EXPORT-fp32" --data "$DATA" --backends trt-fp32 || FAILED=1
+  "$PYTHON" -m tl_deploy.parity "$MODEL" --export "$EXPORT-fp32" --data "$DATA" --device cpu --backends trt-fp32 \
+    || FAILED=1
 fi
 
 step "bench (PyTorch eager on $DEVICE is the baseline)"
 "$PYTHON" -m tl_deploy.bench "$MODEL" --export "$EXPORT" --data "$DATA" --device "$DEVICE" "${BENCH[@]}"
 if [[ $TRT_OK == 1 ]]; then
   "$PYTHON" -m tl_deploy.bench "$MODEL" --export "$EXPORT-fp32" --data "$DATA" --device "$DEVICE" \
-    --backends torch,trt-fp32 "${BENCH[@]}" --out "$EXPORT-fp32.bench"
+    --backends torch,trt-fp32 "${BENCH[@]}" --report "$EXPORT-fp32.bench"
 fi
 
 step "done in $((SECONDS - START)) s; reports in $WORK/export/"

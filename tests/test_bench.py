@@ -56,9 +56,9 @@ def test_run_bench_structure(tiny_artifact: Path, export_dir: Path, tiny_data: P
 def test_cli_writes_json_and_png(tiny_artifact: Path, export_dir: Path, tiny_data: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     stem = tmp_path / "out" / "bench"
-    code = main([str(tiny_artifact), "--export", str(export_dir), "--data", str(tiny_data), "--backends",
+    code = main([str(tiny_artifact), "--export", str(export_dir), "--backends",
                  "torch,onnx-fp32", "trt-int8", "--batch", "2", "--rounds", "1", "--seconds", "0.005",
-                 "--warmup", "0", "--e2e-images", "0", "--threads", "1", "--out", str(stem)])
+                 "--warmup", "0", "--limit", "0", "--threads", "1", "--report", str(stem)])
     out = capsys.readouterr().out
     assert code == 0 and "vs torch" in out and "SKIPPED | trt-int8 |" in out
     result = json.loads((stem.parent / "bench.json").read_text())
@@ -73,5 +73,5 @@ def test_bad_settings_are_refused(tiny_artifact: Path, export_dir: Path, capsys:
         BenchConfig(batches=(0,))
     with pytest.raises(TlDeployError, match="rounds >= 1"):
         BenchConfig(rounds=0)
-    assert main([str(tiny_artifact), "--export", str(export_dir), "--batch", "1,x"]) == 1
+    assert main([str(tiny_artifact), "--export", str(export_dir), "--batch", "1,x"]) == 2  # a usage error
     assert "Invalid --batch '1,x'" in capsys.readouterr().err

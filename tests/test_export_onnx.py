@@ -154,7 +154,7 @@ def run_cli(args: list[str]) -> int:
     ("argv", "message", "code"),
     [
         (["{missing}"], "Model artifact folder not found", 1),
-        (["{model}", "--batch", "0:1:2"], "Invalid --batch '0:1:2'", 1),
+        (["{model}", "--trt", "--trt-profile", "0:1:2"], "Invalid --trt-profile '0:1:2'", 2),
         (["{model}", "--device", "first"], "'first' is not an integer >= 0", 2),
         (["{model}", "--calib-method", "magic"], "invalid choice: 'magic'", 2),
         (["{model}", "--opset", "nine"], "'nine' is not an integer in [13, 23]", 2),

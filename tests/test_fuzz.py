@@ -242,8 +242,8 @@ def _cli(verb: str) -> tuple[Callable[[list[str]], int], argparse.ArgumentParser
 def _base_args(verb: str, scratch: Path) -> list[str]:
     """Arguments valid apart from the one under test, all pointing into ``scratch``."""
     model, out = str(scratch / "model"), str(scratch / "new")
-    return {"finetune": ["--data", str(scratch / "data"), "--out", out], "evaluate": [model, "--json", out],
-            "parity": [model, "--report", out], "bench": [model, "--out", out], "export": [model, "--out", out],
+    return {"finetune": ["--data", str(scratch / "data"), "--out", out], "evaluate": [model, "--report", out],
+            "parity": [model, "--report", out], "bench": [model, "--report", out], "export": [model, "--out", out],
             "datasets": ["animal-shape", "--out", out], "experiments": ["transfer-curve", "--out", out]}[verb]
 
 
@@ -330,7 +330,7 @@ def test_cli_refuses_bad_arguments_in_one_line(cli_scratch: Path, case: tuple[st
 
 FOLDER_TARGETS = ["model/config.json", "model/sub", ".", "data", "data/train", "notes.txt", "notes.txt/out",
                   "stranger"]
-HOSTILE_OUTPUTS = [  # (verb, --out/--json/--report value) that each verb must refuse
+HOSTILE_OUTPUTS = [  # (verb, --out/--report value) that each verb must refuse
     *((verb, target) for verb in ("finetune", "export", "datasets") for target in FOLDER_TARGETS),
     ("export", "model"), ("datasets", "model"),
     *(("evaluate", target) for target in ("model", "model/config.json", "model/report.json", "model/model.safetensors",
@@ -346,7 +346,7 @@ def test_cli_refuses_hostile_output_paths(cli_scratch: Path, verb: str, target: 
     (cli_scratch / "stranger").mkdir(exist_ok=True)
     (cli_scratch / "stranger" / "thesis.txt").write_text("three years")
     main, _ = _cli(verb)
-    flag = {"evaluate": "--json", "parity": "--report"}.get(verb, "--out")
+    flag = {"evaluate": "--report", "parity": "--report", "bench": "--report"}.get(verb, "--out")
     data = ["--data", str(cli_scratch / "data")]
     argv = {"finetune": [*data, "--model", "test_efficientnet", "--weights", "none"], "datasets": ["animal-shape"],
             "export": [str(cli_scratch / "model"), "--int8", "--calib-data", str(cli_scratch / "data")],

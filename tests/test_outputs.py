@@ -186,7 +186,7 @@ def test_evaluate_json_into_the_artifact_is_refused(artifact: Path, tiny_data: P
 
     before = snapshot(artifact)
     for target in (artifact / "config.json", artifact / "report.json"):
-        assert exit_code(main, [str(artifact), "--data", str(tiny_data), "--json", str(target)]) == 1
+        assert exit_code(main, [str(artifact), "--data", str(tiny_data), "--report", str(target)]) == 1
         assert_one_error_line(capsys.readouterr().err, "is inside the model artifact")
     assert snapshot(artifact) == before
 
@@ -205,7 +205,7 @@ def test_evaluate_json_at_a_folder_under_a_file_or_over_a_model_is_refused(
     cases = [(folder, "is a folder"), (file / "eval.json", "which is a file, not a folder"),
              (model, "is not an earlier json report"), (tiny_data / "eval.json", "inside the data")]
     for target, message in cases:
-        assert exit_code(main, [str(artifact), "--data", str(tiny_data), "--json", str(target)]) == 1
+        assert exit_code(main, [str(artifact), "--data", str(tiny_data), "--report", str(target)]) == 1
         assert_one_error_line(capsys.readouterr().err, message)
     assert file.read_text() == "keep me" and list(folder.iterdir()) == []
     assert model.read_bytes() == (fp32_export / "model.onnx").read_bytes()
@@ -231,7 +231,7 @@ def test_bench_out_under_a_file_is_refused(tiny_artifact: Path, fp32_export: Pat
     file = tmp_path / "notes.txt"
     file.write_text("keep me")
     rc = exit_code(main, [str(tiny_artifact), "--export", str(fp32_export), "--backends", "torch",
-                          "--out", str(file / "bench")])
+                          "--report", str(file / "bench")])
     assert rc == 1
     assert_one_error_line(capsys.readouterr().err, "which is a file, not a folder")
     assert file.read_text() == "keep me"
@@ -276,9 +276,9 @@ def cli_of(verb: str, artifact: Path, tmp: Path) -> tuple[Callable[[Sequence[str
     out = str(tmp / "out")
     base = {
         "finetune": ["--data", str(tmp / "data"), "--model", TINY_MODEL, "--weights", "none", "--out", out],
-        "evaluate": [str(artifact), "--json", str(tmp / "out.json")],
+        "evaluate": [str(artifact), "--report", str(tmp / "out.json")],
         "parity": [str(artifact), "--export", str(tmp / "export"), "--report", out],
-        "bench": [str(artifact), "--export", str(tmp / "export"), "--out", out],
+        "bench": [str(artifact), "--export", str(tmp / "export"), "--report", out],
         "export": [str(artifact), "--out", out],
         "experiments": ["transfer-curve", "--out", out],
         "datasets": ["animal-shape", "--out", out],
@@ -400,7 +400,7 @@ def test_evaluate_a_val_split_model_with_defaults(val_split_model: tuple[Path, P
     assert main([str(artifact)]) == 0
     earlier = artifact.parent / "vs.eval-test.json"
     earlier.write_text(json.dumps({"accuracy": -1}))  # an earlier report at the path is replaced
-    assert main([str(artifact), "--json", str(earlier)]) == 0
+    assert main([str(artifact), "--report", str(earlier)]) == 0
     assert json.loads(earlier.read_text())["count"] == 3 * 4
 
 
@@ -413,7 +413,7 @@ def test_parity_and_bench_check_a_val_split_model(val_split_model: tuple[Path, P
     assert parity_main([str(artifact), "--export", str(export), "--backends", "onnx-fp32"]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert bench_main([str(artifact), "--export", str(export), "--backends", "onnx-fp32", "--batch", "1",
-                       "--rounds", "1", "--seconds", "0.01", "--warmup", "0", "--e2e-images", "2"]) == 0
+                       "--rounds", "1", "--seconds", "0.01", "--warmup", "0", "--limit", "2"]) == 0
     report = json.loads((export.parent / "vs.bench.json").read_text())
     assert "skipped" not in json.dumps(report.get("e2e_note", report))
 

@@ -139,10 +139,10 @@ def test_nothing_comparable_exits_2_and_bad_input_is_one_line(tiny_artifact: Pat
     assert "No backend could be compared" in capsys.readouterr().err
     assert main([str(tiny_artifact), "--export", str(tmp_path / "nope"), "--data", str(tiny_data)]) == 1
     assert "Export folder not found" in capsys.readouterr().err
-    assert main([str(tiny_artifact), "--export", str(export_dir), "--backends", "onnx-fp64"]) == 1
+    assert main([str(tiny_artifact), "--export", str(export_dir), "--backends", "onnx-fp64"]) == 2  # usage
     assert "Invalid backend 'onnx-fp64'" in capsys.readouterr().err
     assert main([str(tiny_artifact), "--export", str(export_dir), "--data", str(tiny_data),
-                 "--min-agreement", "int8=101"]) == 1
+                 "--min-agreement", "int8=101"]) == 2  # a value out of range: usage
     assert "between 0 and 100" in capsys.readouterr().err
 
 

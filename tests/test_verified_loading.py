@@ -35,8 +35,8 @@ def _parity(model: Path, export: Path, data: Path, tmp_path: Path, *extra: str) 
 
 def _bench(model: Path, export: Path, tmp_path: Path, *extra: str) -> int:
     return bench_main([str(model), "--export", str(export), "--backends", "onnx-int8", "--batch", "1",
-                       "--rounds", "1", "--seconds", "0.005", "--warmup", "0", "--e2e-images", "0",
-                       "--threads", "1", "--out", str(tmp_path / "reports" / "bench"), *extra])
+                       "--rounds", "1", "--seconds", "0.005", "--warmup", "0", "--limit", "0",
+                       "--threads", "1", "--report", str(tmp_path / "reports" / "bench"), *extra])
 
 
 def test_entry_outside_the_export_folder_is_refused(tiny_artifact: Path, export_dir: Path, tiny_data: Path,
@@ -84,8 +84,8 @@ def test_modified_artifact_fails_parity_and_bench(tiny_artifact: Path, export_di
     assert _parity(model, export_dir, tiny_data, tmp_path) == 1
     assert "metrics.json was modified" in capsys.readouterr().err
     assert bench_main([str(model), "--export", str(export_dir), "--backends", "torch", "--batch", "1",
-                       "--rounds", "1", "--seconds", "0.005", "--warmup", "0", "--e2e-images", "0",
-                       "--threads", "1", "--out", str(tmp_path / "reports" / "bench")]) == 1
+                       "--rounds", "1", "--seconds", "0.005", "--warmup", "0", "--limit", "0",
+                       "--threads", "1", "--report", str(tmp_path / "reports" / "bench")]) == 1
     assert "metrics.json was modified" in capsys.readouterr().err
 
 

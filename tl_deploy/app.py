@@ -67,18 +67,20 @@ def wait_until_serving(url: str, proc: subprocess.Popen[Any], timeout: float = 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tl_deploy.app",
-                                description="Start the Streamlit app that classifies images with an exported model.")
-    p.add_argument("--model", type=Path, default=None,
+    from tl_deploy.cli import Range, add_verbose, new_parser
+
+    p = new_parser("app", "Start the Streamlit app that classifies images with an exported model.")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH",
                    help="export folder, model artifact folder or .onnx/.engine file (default: newest under export/)")
-    p.add_argument("--port", type=int, default=None, help="port to serve on (default: Streamlit's, 8501)")
+    p.add_argument("--port", type=Range(int, 1, 65535), default=None, metavar="N",
+                   help="port to serve on (default: Streamlit's, 8501)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only); 0.0.0.0 serves every "
                         "interface and prints a warning")
     p.add_argument("--data-root", type=Path, action="append", default=None, dest="data_roots", metavar="DIR",
                    help="a server folder the Batch tab may read, repeatable (default: the model's own "
                         "training data when it is on disk, else none)")
-    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    add_verbose(p)
     return p
 
 

@@ -1,7 +1,7 @@
 """Measure every backend: latency and throughput per batch size, and image file in -> label out.
 
-    python -m tl_deploy.bench models/<run> [--export export/<run>] [--backends torch,onnx-fp32,onnx-int8]
-                              [--batch 1,8,32] [--threads N] [--rounds 10] [--seconds 0.3]
+    tl-deploy bench models/<run> [--export export/<run>] [--backends torch,onnx-fp32,onnx-int8]
+                       [--batch 1,8,32] [--threads N] [--rounds 10] [--seconds 0.3] [--limit 32]
 
 Warm-up calls are excluded. Backends run in interleaved rounds (the order rotates every round), so
 background load and clock drift hit all of them alike, and the ratio to PyTorch eager is the median of
@@ -32,16 +32,22 @@ import numpy as np
 
 from tl_deploy.cli import (
     COUNT,
-    FRACTION,
+    EXIT_OK,
+    INTERRUPTED_NOTHING_KEPT,
     POSITIVE_INT,
-    OneLineParser,
     Range,
+    add_device,
+    add_threads,
+    add_val_fraction,
     add_verbose,
     apply_ranges,
-    device_arg,
+    new_parser,
+    old_names,
+    refuse_unused,
     run_cli,
+    usage_errors,
 )
-from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
+from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError, UsageError
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
 from tl_deploy.formats.export_manifest import read_export_manifest
 from tl_deploy.reports import format_table
@@ -322,12 +328,13 @@ def report_paths(stem: Path) -> tuple[Path, Path]:
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
+    """``--batch 1,8,32`` -> (1, 8, 32); anything else is a usage error (exit code 2)."""
     try:
         batches = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         batches = ()
     if not batches or any(b < 1 for b in batches):
-        raise TlDeployError(f"Invalid --batch {text!r}: give comma-separated positive integers, e.g. 1,8,32.")
+        raise UsageError(f"Invalid --batch {text!r}: give comma-separated positive integers, e.g. 1,8,32.")
     return batches
 
 
@@ -341,64 +348,88 @@ RANGES: dict[str, Range] = {  # allowed values of the numeric options
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m tl_deploy.bench", description=__doc__.split("\n")[0])
+    p = new_parser("bench", __doc__.split("\n")[0])
     p.add_argument("model_dir", type=Path, help="model artifact folder (PyTorch eager is the baseline)")
-    p.add_argument("--export", type=Path, help="export folder (default: export/<run-name>, as tl_deploy.export)")
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="export folder (default: export/<run-name>, as tl-deploy export writes it)")
     p.add_argument("--backends", nargs="+", default=[",".join(DEFAULT_BACKENDS)], metavar="NAME",
                    help=f"space or comma separated (default: {','.join(DEFAULT_BACKENDS)}; those that cannot run "
                         "here are listed as skipped)")
-    p.add_argument("--batch", default="1,8,32", help="batch sizes (default 1,8,32)")
-    p.add_argument("--threads", type=int, help="intra-op threads for every CPU backend (default: usable cores)")
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="torch device: auto (CUDA when available), cpu, cuda")
-    p.add_argument("--rounds", type=int, default=BenchConfig.rounds, help="interleaved rounds (default 10)")
-    p.add_argument("--seconds", type=float, default=BenchConfig.seconds,
-                   help="time per backend per round (default 0.3)")
-    p.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="untimed calls first (default 3)")
-    p.add_argument("--e2e-images", type=int, default=BenchConfig.e2e_images,
-                   help="image files for the end-to-end figure (default 32; 0 skips it)")
-    p.add_argument("--data", type=Path, help="ImageFolder for the end-to-end images (default: the training data)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch", default="1,8,32", metavar="B[,B...]",
+                   help="batch sizes timed with preprocessed input, comma separated")
+    add_threads(p, help="intra-op threads of every CPU backend (default: the usable cores)")
+    add_device(p, help="torch device: auto (CUDA when present: adds torch-cudagraph and TensorRT), cpu, cuda "
+                       "or cuda:N")
+    p.add_argument("--rounds", default=BenchConfig.rounds, metavar="N",
+                   help="interleaved rounds; every backend runs once per round")
+    p.add_argument("--seconds", default=BenchConfig.seconds, metavar="S",
+                   help="time per backend per round, which sets the number of calls")
+    p.add_argument("--warmup", default=BenchConfig.warmup, metavar="N",
+                   help="untimed calls per backend and batch size before timing")
+    old_names(p.add_argument("--limit", "--e2e-images", dest="e2e_images", default=BenchConfig.e2e_images,
+                             metavar="N", help="image files of the split timed end to end, file in -> label out "
+                                               f"(default {BenchConfig.e2e_images}; 0 skips the end-to-end figure)"),
+              "--e2e-images")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="ImageFolder of the end-to-end images (default: the training data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split of the end-to-end images")
+    add_val_fraction(p)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="time files that no longer match their sha256 (artifact manifest, export.json)")
-    p.add_argument("--val-split", type=FRACTION,
-                   help="with no val/: fraction of train/ held out (default: the model's own, from its config)")
-    p.add_argument("--out", type=Path, help="report path stem (default: <export>.bench, .json and .png)")
+    old_names(p.add_argument("--report", "--out", dest="report", type=Path, metavar="STEM",
+                             help="report path stem: writes STEM.json and STEM.png (default: <export>.bench)"),
+              "--out")
     add_verbose(p)
     apply_ranges(p, RANGES)
     return p
+
+
+def refuse_no_ops(args: argparse.Namespace) -> None:
+    """The end-to-end options do nothing when the end-to-end figure is skipped, and so does a validation
+    fraction on the test split."""
+    if args.e2e_images == 0:
+        refuse_unused(args, ["data", "split", "val_fraction"],
+                      "with --limit 0 (no end-to-end figure): drop it or give --limit N")
+    elif args.split == "test":
+        refuse_unused(args, ["val_fraction"], "with --split test (it only carves val/ out of train/): drop it or "
+                                              "choose --split val or train")
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The bench verb: time, print the table, write the JSON and the plot."""
+    with usage_errors():
+        config = BenchConfig(batches=parse_batches(args.batch), rounds=args.rounds, seconds=args.seconds,
+                             warmup=args.warmup, e2e_images=args.e2e_images)
+        backends = parse_backends(args.backends)
+    refuse_no_ops(args)
+    export_dir = args.export or Path("export") / args.model_dir.resolve().name
+    if args.data is not None and not args.data.is_dir():
+        raise DataError(f"Data folder not found: {args.data}. Pass --data pointing at an ImageFolder tree.")
+    report_flag = getattr(args, "_given_flags", {}).get("report", "--report")
+    json_path, png_path = report_paths(args.report or export_dir.parent / f"{export_dir.name}.bench")
+    for path, content in ((json_path, "json"), (png_path, "png")):
+        check_report_path(path, report_flag, content, inputs={"data": args.data})
+    report = run_bench(args.model_dir, export_dir, backends=backends, config=config, threads=args.threads,
+                       device=args.device, data=args.data, split=args.split, val_split=args.val_fraction,
+                       verify=args.verify)
+    print(f"{Path(report.model_dir).name} on {report.device}, {report.threads} thread(s); "
+          f"end to end: {report.e2e_note}")
+    print(report.table())
+    for row in report.backends:
+        if row["status"] != "ok":
+            print(f"SKIPPED | {row['backend']} | {row['reason']}")
+    atomic_write_json(json_path, report.to_dict())
+    atomic_write_bytes(png_path, throughput_png(report))
+    print(f"wrote {json_path} and {png_path}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Before torch is imported: its idle OpenMP workers wait passively instead of spinning on the
     # cores of the backend being timed (onnxruntime's pools get the same rule per session).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-    def body(args: argparse.Namespace) -> int:
-        config = BenchConfig(batches=parse_batches(args.batch), rounds=args.rounds, seconds=args.seconds,
-                             warmup=args.warmup, e2e_images=args.e2e_images)
-        backends = parse_backends(args.backends)
-        export_dir = args.export or Path("export") / args.model_dir.resolve().name
-        if args.data is not None and not args.data.is_dir():
-            raise DataError(f"Data folder not found: {args.data}. Pass --data pointing at an ImageFolder tree.")
-        json_path, png_path = report_paths(args.out or export_dir.parent / f"{export_dir.name}.bench")
-        for path, content in ((json_path, "json"), (png_path, "png")):
-            check_report_path(path, "--out", content, inputs={"data": args.data})
-        report = run_bench(args.model_dir, export_dir, backends=backends, config=config, threads=args.threads,
-                           device=args.device, data=args.data, split=args.split, val_split=args.val_split,
-                           verify=args.verify)
-        print(f"{Path(report.model_dir).name} on {report.device}, {report.threads} thread(s); "
-              f"end to end: {report.e2e_note}")
-        print(report.table())
-        for row in report.backends:
-            if row["status"] != "ok":
-                print(f"SKIPPED | {row['backend']} | {row['reason']}")
-        atomic_write_json(json_path, report.to_dict())
-        atomic_write_bytes(png_path, throughput_png(report))
-        print(f"wrote {json_path} and {png_path}")
-        return 0
-
-    return run_cli(body, get_args_parser().parse_args(argv))
+    return run_cli(bench, get_args_parser().parse_args(argv), interrupted=INTERRUPTED_NOTHING_KEPT)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -67,7 +68,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS, [], ()):
+        unset = action.default is None or action.default is False or action.default in (argparse.SUPPRESS, [], ())
+        if "default" in text.lower() or unset:  # (not `in (None, False)`: 0 == False, and a 0 default is shown)
             return text
         if isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)):
             return text
@@ -92,13 +94,20 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        for action in self._actions:  # argparse names an option by all its strings: leave out the earlier ones
+            hidden = getattr(action, "old_names", ())
+            if hidden:
+                shown = "/".join(f for f in action.option_strings if f not in hidden)
+                message = message.replace("/".join(action.option_strings), shown)
         self.exit(EXIT_CANNOT_RUN, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         tokens = list(sys.argv[1:] if args is None else args)
         parsed = super().parse_args(tokens, namespace)
-        parsed._given = self._named_dests(tokens)
+        named = self._named_flags(tokens)
+        parsed._given = frozenset(named)
+        parsed._given_flags = named
         self._note_old_names(tokens)
         return parsed
 
@@ -109,9 +118,10 @@ class OneLineParser(argparse.ArgumentParser):
                     current = next(f for f in action.option_strings if f not in action.old_names)  # type: ignore[attr-defined]
                     _logger.warning("%s is now called %s (the old name still works)", old, current)
 
-    def _named_dests(self, tokens: Sequence[str]) -> frozenset[str]:
+    def _named_flags(self, tokens: Sequence[str]) -> dict[str, str]:
+        """``dest`` -> the option string the command line used for it (the last one, if several)."""
         by_flag = {flag: action.dest for action in self._actions for flag in action.option_strings}
-        named = set()
+        named: dict[str, str] = {}
         for token in tokens:
             if token == "--":
                 break
@@ -119,8 +129,8 @@ class OneLineParser(argparse.ArgumentParser):
                 continue
             flag = token.split("=", 1)[0] if token.startswith("--") else token[:2]
             if flag in by_flag:
-                named.add(by_flag[flag])
-        return frozenset(named)
+                named[by_flag[flag]] = flag
+        return named
 
 
 def given(args: argparse.Namespace) -> frozenset[str]:
@@ -136,8 +146,21 @@ def refuse_unused(args: argparse.Namespace, dests: Sequence[str], why: str) -> N
     """
     named = [d for d in dests if d in given(args)]
     if named:
-        flags = ", ".join("--" + d.replace("_", "-") for d in named)
+        spelled = getattr(args, "_given_flags", {})
+        flags = ", ".join(spelled.get(d, "--" + d.replace("_", "-")) for d in named)
         raise UsageError(f"{flags} {'does' if len(named) == 1 else 'do'} nothing {why}.")
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Inside: a ``TlDeployError`` raised while reading the command line's values (a backend name, a
+    tolerance, a batch list) is a usage error, exit code 2, with the same message."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except TlDeployError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def new_parser(verb: str, description: str) -> OneLineParser:
@@ -206,6 +229,15 @@ def device_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose cpu, cuda or cuda:N")
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA GPU, else ``cpu``; any other value unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_device_arg(text: str) -> str:
     """``--device`` without ``auto``: cpu, cuda or cuda:N."""
     if text == "auto":
@@ -253,6 +285,15 @@ def add_limit(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N", help=help)
 
 
+def add_val_fraction(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     help: str = "with no val/ folder: the share of train/ held out for validation "
+                                 "(default: the model's own, from its config)") -> argparse.Action:
+    """``--val-fraction F`` (earlier name ``--val-split``), a share strictly between 0 and 1; dest ``val_fraction``."""
+    action = parser.add_argument("--val-fraction", "--val-split", dest="val_fraction", type=FRACTION, default=None,
+                                 metavar="F", help=help)
+    return old_names(action, "--val-split")
+
+
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at each record (as ``logging.lastResort`` does), not to the
     stream that was current when logging was set up: a caller that swaps and closes sys.stderr (pytest's
@@ -278,8 +319,15 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``body(args)``; map expected failures to one ``error:`` line and an exit code."""
+INTERRUPTED = "interrupted; nothing half-written was kept (use --resume to continue training)."
+INTERRUPTED_NOTHING_KEPT = "interrupted; nothing half-written was kept."  # verbs that do not train
+
+
+def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace, *,
+            interrupted: str = INTERRUPTED) -> int:
+    """Run ``body(args)``; map expected failures to one ``error:`` line and an exit code.
+
+    ``interrupted``: the line printed after ``error: `` on Ctrl-C (exit code 130)."""
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
     try:
@@ -295,8 +343,7 @@ def run_cli(body: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         if verbose:
             _logger.exception("failed")
         print(f"error: {describe_write_error(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written was kept (use --resume to continue training).",
-              file=sys.stderr)
-        return 130
+        print(f"error: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,7 +1,7 @@
 """Prove that every exported backend classifies like the PyTorch model it came from.
 
-    python -m tl_deploy.parity models/<run> [--export export/<run>] [--data DIR --split test]
-                               [--backends onnx-fp32,onnx-int8] [--atol fp32=1e-3] [--max-acc-drop int8=1.0]
+    tl-deploy parity models/<run> [--export export/<run>] [--data DIR --split test]
+                        [--backends onnx-fp32,onnx-int8] [--atol fp32=1e-3] [--max-acc-drop int8=1.0]
 
 Two steps, as Polygraphy's comparator: ``run(candidates, batches)`` runs every backend on the same
 images (preprocessed once per distinct ``PreprocessSpec``, normally one) and returns their logits;
@@ -25,7 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from tl_deploy.cli import FRACTION, POSITIVE_INT, OneLineParser, add_verbose, run_cli, torch_device_arg
+from tl_deploy.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    INTERRUPTED_NOTHING_KEPT,
+    add_device,
+    add_limit,
+    add_report,
+    add_threads,
+    add_val_fraction,
+    add_verbose,
+    new_parser,
+    refuse_unused,
+    resolve_device,
+    run_cli,
+    usage_errors,
+)
 from tl_deploy.comparison import (
     DEFAULT_TOLERANCES,
     ParityReport,
@@ -218,61 +233,84 @@ def write_report(report: ParityReport, json_path: Path, md_path: Path) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     from tl_deploy.runtime.catalog import BACKEND_NAMES
 
-    p = OneLineParser(prog="python -m tl_deploy.parity", description=__doc__.split("\n")[0])
+    p = new_parser("parity", __doc__.split("\n")[0])
     p.add_argument("model_dir", type=Path, help="model artifact folder (the PyTorch reference)")
-    p.add_argument("--export", type=Path, help="export folder (default: export/<run-name>, as tl_deploy.export)")
-    p.add_argument("--data", type=Path, help="ImageFolder root (default: the data the model was trained on)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--val-split", type=FRACTION,
-                   help="with no val/: fraction of train/ held out (default: the model's own, from its config)")
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="export folder (default: export/<run-name>, as tl-deploy export writes it)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="ImageFolder root (default: the data the model was trained on)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="the split compared on")
+    add_val_fraction(p)
     p.add_argument("--backends", nargs="+", default=[",".join(EXPORT_BACKENDS)], metavar="NAME",
                    help=f"backends to compare with torch, space or comma separated (default: all of "
                         f"{', '.join(n for n in BACKEND_NAMES if n in EXPORT_BACKENDS)}; absent ones are skipped)")
     p.add_argument("--atol", action="append", metavar="[PRECISION=]X",
-                   help="max |logit difference| (default fp32=1e-3; fp16/int8 unchecked)")
+                   help="max |logit difference|; a bare X sets every precision (default fp32=1e-3; fp16/int8 "
+                        "unchecked: their logits move by 1e-2..1, so write fp32=X)")
     p.add_argument("--max-acc-drop", action="append", metavar="[PRECISION=]PT",
                    help="accuracy points a backend may lose (default fp32=0, fp16=0.3, int8=1.0)")
     p.add_argument("--min-agreement", action="append", metavar="[PRECISION=]PCT",
                    help="top-1 agreement with torch in percent (default fp32=100, fp16=99.5, int8=98)")
-    p.add_argument("--limit", type=POSITIVE_INT, help="compare on this many images of the split (evenly spaced)")
-    p.add_argument("--device", type=torch_device_arg, default="cpu",
-                   help="device of the PyTorch reference (default cpu: exact FP32)")
-    p.add_argument("--threads", type=POSITIVE_INT, help="onnxruntime intra-op threads (default: onnxruntime's)")
-    p.add_argument("--report", type=Path, help="report path stem (default: <export>.parity-<split>, .json and .md)")
+    add_limit(p, help="compare on at most N images of the split, evenly spaced (default: all)")
+    add_device(p, help="device of the PyTorch reference: auto (CUDA when present), cpu, cuda or cuda:N; "
+                       "it computes in FP32 either way")
+    add_threads(p, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    add_report(p, help="report path stem: writes STEM.json and STEM.md (default: <export>.parity-<split>)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="compare files that no longer match their sha256 (artifact manifest, export.json)")
     add_verbose(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    def body(args: argparse.Namespace) -> int:
+def refuse_no_ops(args: argparse.Namespace, backends: Sequence[str]) -> None:
+    """Options that would do nothing in this combination are refused; a bare --atol with reduced
+    precisions (which cannot meet an FP32 tolerance) is warned about."""
+    if args.split == "test":
+        refuse_unused(args, ["val_fraction"], "with --split test (it only carves val/ out of train/): drop it or "
+                                              "choose --split val or train")
+    if not any(name.startswith("onnx-") for name in backends):
+        refuse_unused(args, ["threads"], "without an onnx-* backend (it sets onnxruntime's threads): drop it or "
+                                         "add an onnx-* backend")
+    bare = [value for value in args.atol or () if "=" not in value]
+    reduced = sorted({EXPORT_BACKENDS[name][0] for name in backends if name in EXPORT_BACKENDS} - {"fp32"})
+    if bare and reduced:
+        _logger.warning("--atol %s applies to every precision, %s included, whose logits differ by far more "
+                        "than FP32's: write --atol fp32=%s to tighten FP32 only", bare[-1], "/".join(reduced),
+                        bare[-1])
+
+
+def check_parity(args: argparse.Namespace) -> int:
+    """The parity verb: compare, print the table and the verdict lines, write the reports."""
+    with usage_errors():
         tol = tolerances(atol=parse_overrides(args.atol, "--atol", low=0.0),
                          max_acc_drop=parse_overrides(args.max_acc_drop, "--max-acc-drop", low=0.0, high=100.0),
                          min_agreement=parse_overrides(args.min_agreement, "--min-agreement", low=0.0, high=100.0))
         backends = parse_backends(args.backends)
-        export_dir = args.export or Path("export") / args.model_dir.resolve().name
-        json_path, md_path = parity_report_paths(export_dir, args.split)
-        if args.report is not None:
-            json_path, md_path = (args.report.parent / f"{args.report.name}.{ext}" for ext in ("json", "md"))
-        for path, content in ((json_path, "json"), (md_path, "md")):
-            check_report_path(path, "--report", content, inputs={"data": args.data})
-        report = run_parity(args.model_dir, export_dir, data=args.data, split=args.split, backends=backends,
-                            tolerance=tol, limit=args.limit, device=args.device, threads=args.threads,
-                            val_split=args.val_split, verify=args.verify)
-        print(report.table())
-        print()
-        for result in report.results:
-            print(result.line())
-        write_report(report, json_path, md_path)
-        print(f"wrote {json_path} and {md_path}")
-        if not report.compared:
-            raise BackendUnavailableError("No backend could be compared here (all skipped, reasons above).")
-        print(f"{'PASSED' if report else 'FAILED'} | parity of {len(report.compared)} backend(s) with PyTorch on "
-              f"{report.images} {args.split} images")
-        return 0 if report else 1
+    refuse_no_ops(args, backends)
+    export_dir = args.export or Path("export") / args.model_dir.resolve().name
+    json_path, md_path = parity_report_paths(export_dir, args.split)
+    if args.report is not None:
+        json_path, md_path = (args.report.parent / f"{args.report.name}.{ext}" for ext in ("json", "md"))
+    for path, content in ((json_path, "json"), (md_path, "md")):
+        check_report_path(path, "--report", content, inputs={"data": args.data})
+    report = run_parity(args.model_dir, export_dir, data=args.data, split=args.split, backends=backends,
+                        tolerance=tol, limit=args.limit, device=resolve_device(args.device), threads=args.threads,
+                        val_split=args.val_fraction, verify=args.verify)
+    print(report.table())
+    print()
+    for result in report.results:
+        print(result.line())
+    write_report(report, json_path, md_path)
+    print(f"wrote {json_path} and {md_path}")
+    if not report.compared:
+        raise BackendUnavailableError("No backend could be compared here (all skipped, reasons above).")
+    print(f"{'PASSED' if report else 'FAILED'} | parity of {len(report.compared)} backend(s) with PyTorch on "
+          f"{report.images} {args.split} images")
+    return EXIT_OK if report else EXIT_FAILED
 
-    return run_cli(body, get_args_parser().parse_args(argv))
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(check_parity, get_args_parser().parse_args(argv), interrupted=INTERRUPTED_NOTHING_KEPT)
 
 
 if __name__ == "__main__":

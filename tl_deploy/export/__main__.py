@@ -1,4 +1,4 @@
-"""python -m tl_deploy.export MODEL_DIR [--onnx] [--fp16] [--int8] [--trt] ... -> export/<run-name>/"""
+"""tl-deploy export MODEL_DIR [--fp16] [--int8] [--trt] ... -> export/<run-name>/ (also python -m tl_deploy.export)"""
 
 from __future__ import annotations
 
@@ -7,9 +7,31 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from tl_deploy.cli import COUNT, POSITIVE, POSITIVE_INT, SEED, OneLineParser, Range, StderrHandler
+from typing import TYPE_CHECKING
+
+from tl_deploy.cli import (
+    COUNT,
+    EXIT_OK,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    add_verbose,
+    new_parser,
+    old_names,
+    refuse_unused,
+    run_cli,
+)
+from tl_deploy.errors import ArtifactError, DataError, UsageError
 from tl_deploy.formats.names import EXPORT_MANIFEST
-from tl_deploy.errors import TlDeployError
+
+if TYPE_CHECKING:
+    from tl_deploy.export.tensorrt import BatchProfile
+
+INT8_ONLY = ("calib_samples", "calib_method", "int8_cpu")  # used only with --int8
+TRT_ONLY = ("trt_profile", "workspace_gb", "timing_cache", "device")  # used only with --trt
+# --calib-data also feeds the FP16 and engine checks, --seed picks those images too
+CHECK_IMAGES = ("calib_data", "seed")
 
 
 def _quiet_onnxruntime_quantizer(record: logging.LogRecord) -> bool:
@@ -20,16 +42,15 @@ def _quiet_onnxruntime_quantizer(record: logging.LogRecord) -> bool:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from tl_deploy.export.onnx import DEFAULT_OPSET, EXPORTERS
+    from tl_deploy.export.onnx import DEFAULT_OPSETS, EXPORTERS, MAX_OPSET, MIN_OPSET
     from tl_deploy.export.quantize import DEFAULT_CALIB_SAMPLES, METHODS
     from tl_deploy.export.tensorrt import DEFAULT_PROFILE, DEFAULT_WORKSPACE_GB
 
-    p = OneLineParser(
-        prog="python -m tl_deploy.export",
-        description="Export a fine-tuned model artifact to ONNX FP32 (always), FP16 and INT8 ONNX, and TensorRT.",
-    )
+    p = new_parser("export", "Export a fine-tuned model artifact to ONNX FP32 (always), FP16 and INT8 ONNX, "
+                             "and TensorRT.")
     p.add_argument("model_dir", type=Path, help="model artifact folder (models/<run-name>)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: export/<run-name>)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output folder (default: export/<run-name>)")
     p.add_argument("--onnx", action="store_true", help="ONNX FP32 (always written; the flag is for clarity)")
     p.add_argument("--int8", action="store_true",
                    help="INT8 ONNX (QDQ, plus a CPU-tuned file); with --trt an INT8 engine")
@@ -38,74 +59,117 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true",
                    help="model.fp16.onnx (float16 compute, float32 I/O); with --trt an FP16 engine from it")
     g = p.add_argument_group("ONNX")
-    g.add_argument("--opset", type=Range(int, 13, 23), default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    g.add_argument("--opset", type=Range(int, MIN_OPSET["torchscript"], MAX_OPSET), default=None,
+                   help=f"ONNX opset (default: {DEFAULT_OPSETS['torchscript']} with the torchscript exporter, "
+                        f"{DEFAULT_OPSETS['dynamo']} with dynamo, which needs {MIN_OPSET['dynamo']} or more)")
     g.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
-                   help="torch.onnx exporter (default torchscript: faster here, honours opset 17)")
+                   help="torch.onnx exporter (default torchscript: faster here, folds BatchNorm, honours opset 17)")
     g.add_argument("--bake-preprocess", action="store_true",
                    help="also write model.preprocess.onnx taking uint8 NHWC images, normalising inside")
     g.add_argument("--simplify", dest="simplify", action="store_true", default=None,
                    help="simplify with onnxslim (default: when installed)")
-    g.add_argument("--no-simplify", dest="simplify", action="store_false")
-    g = p.add_argument_group("INT8")
-    g.add_argument("--calib-data", type=Path, default=None,
+    g.add_argument("--no-simplify", dest="simplify", action="store_false", help="leave the graph unsimplified")
+    g = p.add_argument_group("INT8 (with --int8)")
+    g.add_argument("--calib-data", type=Path, default=None, metavar="DIR",
                    help="calibration images: ImageFolder root or image folder (default: the training data)")
-    g.add_argument("--calib-samples", type=POSITIVE_INT, default=DEFAULT_CALIB_SAMPLES,
-                   help=f"at most this many calibration images (default {DEFAULT_CALIB_SAMPLES})")
+    g.add_argument("--calib-samples", type=POSITIVE_INT, default=DEFAULT_CALIB_SAMPLES, metavar="N",
+                   help="at most this many calibration images")
     g.add_argument("--calib-method", choices=METHODS, default="minmax",
                    help="calibration method (default minmax: measured as accurate as the others, faster)")
     g.add_argument("--no-int8-cpu", dest="int8_cpu", action="store_false",
                    help="skip model.int8.cpu.onnx (the onnxruntime-CPU-tuned INT8 file)")
-    g = p.add_argument_group("TensorRT")
-    g.add_argument("--batch", default=DEFAULT_PROFILE, help=f"batch profile MIN:OPT:MAX (default {DEFAULT_PROFILE})")
-    g.add_argument("--workspace-gb", type=POSITIVE, default=DEFAULT_WORKSPACE_GB,
-                   help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
-    g.add_argument("--timing-cache", type=Path, default=None,
+    g = p.add_argument_group("TensorRT (with --trt)")
+    old_names(g.add_argument("--trt-profile", "--batch", dest="trt_profile", default=DEFAULT_PROFILE,
+                             metavar="MIN:OPT:MAX", help="batch sizes the engines accept (MIN..MAX) and are "
+                                                         "tuned for (OPT); one number N means a fixed batch"),
+              "--batch")
+    g.add_argument("--workspace-gb", type=POSITIVE, default=DEFAULT_WORKSPACE_GB, metavar="GB",
+                   help="builder workspace limit in GiB")
+    g.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
                    help="timing cache file reused across builds (default: <out>/../trt_timing.cache)")
-    g.add_argument("--device", type=COUNT, default=0, help="CUDA device index to build and check on (default 0)")
+    g.add_argument("--device", type=cuda_index, default=0, metavar="N",
+                   help="CUDA device index to build and check the engines on (N or cuda:N)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
-    p.add_argument("--seed", type=SEED, default=0, help="calibration image pick")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging; show tracebacks")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration and check image pick")
+    add_verbose(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", handlers=[StderrHandler()])
-    if not args.verbose:
-        logging.getLogger("onnxslim").setLevel(logging.WARNING)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_quiet_onnxruntime_quantizer)
-    try:
-        from tl_deploy.export import ExportOptions, export_artifact, format_table
-        from tl_deploy.export.tensorrt import parse_batch_profile
+def cuda_index(text: str) -> int:
+    """``--device``: a CUDA device index, written N or cuda:N (TensorRT builds on a GPU, so no cpu/auto)."""
+    if text.startswith("cuda:"):
+        text = text[len("cuda:"):]
+    return int(COUNT(text))
 
-        if args.workspace_gb <= 0:
-            raise TlDeployError(f"Invalid --workspace-gb {args.workspace_gb}: choose a positive size.")
-        options = ExportOptions(
-            int8=args.int8, trt=args.trt, fp16=args.fp16, opset=args.opset, exporter=args.exporter,
-            bake_preprocess=args.bake_preprocess, simplify=args.simplify, calib_data=args.calib_data,
-            calib_samples=args.calib_samples, calib_method=args.calib_method, int8_cpu=args.int8_cpu,
-            batch=parse_batch_profile(args.batch), workspace_gb=args.workspace_gb,
-            timing_cache=args.timing_cache, device=args.device, verify=args.verify, seed=args.seed,
-        )
-        if not args.model_dir.is_dir():
-            raise TlDeployError(
-                f"Model artifact folder not found: {args.model_dir}. Run python -m tl_deploy.finetune first."
-            )
-        out = args.out or Path("export") / args.model_dir.resolve().name
-        rows = export_artifact(args.model_dir, out, options)
-    except TlDeployError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+
+def refuse_no_ops(args: argparse.Namespace) -> None:
+    """Options that do nothing in the combination asked for are refused, not ignored."""
+    if not args.int8:
+        refuse_unused(args, INT8_ONLY, "without --int8 (no INT8 file is written): add --int8 or drop it")
+        if not (args.fp16 or args.trt):
+            refuse_unused(args, CHECK_IMAGES, "without --int8, --fp16 or --trt (it picks calibration and check "
+                                              "images, and the FP32 file needs none): add one or drop it")
+    if not args.trt:
+        refuse_unused(args, TRT_ONLY, "without --trt (no TensorRT engine is built): add --trt or drop it")
+
+
+def resolve_opset(args: argparse.Namespace) -> int:
+    """The opset asked for, or the exporter's default; an opset the exporter cannot write is refused."""
+    from tl_deploy.export.onnx import MIN_OPSET, default_opset
+
+    if args.opset is None:
+        return default_opset(args.exporter)
+    lowest = MIN_OPSET[args.exporter]
+    if args.opset < lowest:
+        raise UsageError(f"--opset {args.opset} cannot be written by the {args.exporter} exporter (it needs "
+                         f"{lowest} or more): pass --opset {lowest}, drop --opset, or use --exporter torchscript.")
+    return int(args.opset)
+
+
+def parse_trt_profile(args: argparse.Namespace) -> BatchProfile:
+    """``--trt-profile`` as a ``BatchProfile``; a malformed one is a usage error (exit code 2)."""
+    from tl_deploy.export.tensorrt import parse_batch_profile
+
+    flag = getattr(args, "_given_flags", {}).get("trt_profile", "--trt-profile")
+    try:
+        return parse_batch_profile(args.trt_profile)
+    except DataError as exc:
+        raise UsageError(str(exc).replace("--batch", flag)) from exc
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the converters' chatter out of the output unless ``--verbose``."""
+    if verbose:
+        return
+    logging.getLogger("onnxslim").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_onnxruntime_quantizer)
+
+
+def export(args: argparse.Namespace) -> int:
+    """The export verb: check the options, export, print the table of files written."""
+    from tl_deploy.export import ExportOptions, export_artifact, format_table
+
+    quiet_libraries(args.verbose)
+    refuse_no_ops(args)
+    options = ExportOptions(
+        int8=args.int8, trt=args.trt, fp16=args.fp16, opset=resolve_opset(args), exporter=args.exporter,
+        bake_preprocess=args.bake_preprocess, simplify=args.simplify, calib_data=args.calib_data,
+        calib_samples=args.calib_samples, calib_method=args.calib_method, int8_cpu=args.int8_cpu,
+        batch=parse_trt_profile(args), workspace_gb=args.workspace_gb,
+        timing_cache=args.timing_cache, device=args.device, verify=args.verify, seed=args.seed,
+    )
+    if not args.model_dir.is_dir():
+        raise ArtifactError(f"Model artifact folder not found: {args.model_dir}. Run tl-deploy finetune first.")
+    out = args.out or Path("export") / args.model_dir.resolve().name
+    rows = export_artifact(args.model_dir, out, options)
     print(format_table(rows))
     print(f"wrote {out}/ ({EXPORT_MANIFEST} lists the files)")
-    return 0
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(export, get_args_parser().parse_args(argv), interrupted="interrupted; nothing was written.")
 
 
 if __name__ == "__main__":

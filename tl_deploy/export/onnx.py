@@ -4,7 +4,8 @@ Exporter choice (measured here on efficientnet_lite0, torch 2.14): the TorchScri
 (``dynamo=False``) takes ~3 s, honours the requested opset (17, which TensorRT 8.6+ and every
 maintained onnxruntime accept) and folds BatchNorm into Conv. The dynamo exporter takes ~14 s and
 cannot down-convert this graph below opset 18. Both give logits within 2e-6 of PyTorch, so the
-TorchScript exporter is the default and ``exporter="dynamo"`` (opset >= 18) the alternative.
+TorchScript exporter is the default and ``exporter="dynamo"`` (opset >= 18) the alternative; with no
+opset given, each exporter gets its own default (``default_opset``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 17  # the torchscript exporter's; TensorRT 8.6+ and every maintained onnxruntime accept it
 EXPORTERS = ("torchscript", "dynamo")
+MIN_OPSET = {"torchscript": 13, "dynamo": 18}  # dynamo cannot down-convert these graphs below 18
+DEFAULT_OPSETS = {"torchscript": DEFAULT_OPSET, "dynamo": 18}
+MAX_OPSET = 23
 
 
 def _baked_preprocess_module(model: nn.Module, spec: PreprocessSpec) -> nn.Module:
@@ -57,12 +61,19 @@ def _baked_preprocess_module(model: nn.Module, spec: PreprocessSpec) -> nn.Modul
     return BakedPreprocess().eval()
 
 
+def default_opset(exporter: str) -> int:
+    """The opset used when none is asked for: 17 with torchscript, 18 (its lowest) with dynamo."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"Invalid exporter {exporter!r}. Only {', '.join(EXPORTERS)} are supported.")
+    return DEFAULT_OPSETS[exporter]
+
+
 def torch_to_onnx(
     model: nn.Module,
     out_path: str | os.PathLike[str],
     *,
     metadata: OnnxMetadata,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     bake_preprocess: bool = False,
     simplify: bool = True,
     exporter: str = "torchscript",
@@ -71,13 +82,16 @@ def torch_to_onnx(
 
     The graph takes float32 (N, 3, H, W) named ``input`` or, with ``bake_preprocess``, uint8
     (N, H, W, 3) named ``image`` at ``metadata.spec.input_size``; it outputs ``logits``. The file
-    passes ``onnx.checker`` (full check) and carries ``metadata`` in its metadata_props.
+    passes ``onnx.checker`` (full check) and carries ``metadata`` in its metadata_props. ``opset``:
+    None means the exporter's default (``default_opset``).
     """
     import torch
 
+    if opset is None:
+        opset = default_opset(exporter)
     if exporter not in EXPORTERS:
         raise ExportError(f"Invalid exporter {exporter!r}. Only {', '.join(EXPORTERS)} are supported.")
-    if exporter == "dynamo" and opset < 18:
+    if exporter == "dynamo" and opset < MIN_OPSET["dynamo"]:
         raise ExportError(f"The dynamo exporter needs opset >= 18, got {opset}: pass --opset 18.")
     if not 13 <= opset <= 23:
         raise ExportError(f"Invalid opset {opset}: choose 13..23 (17 suits TensorRT 8.6+ and onnxruntime).")
