@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_CLASSES, TINY_MODEL, TINY_SIZE, draw_shape
-from tl_deploy import app as lib
 from tl_deploy.data import load_splits
 from tl_deploy.errors import DataError
 from tl_deploy.preprocess import MAX_ASPECT_RATIO, PreprocessSpec, prepare, prepare_uint8
 from tl_deploy.runtime import load
+from tl_deploy.uploads import ImageItem, classify_items
 
 SPEC = PreprocessSpec(input_size=TINY_SIZE, resize=TINY_SIZE)
 
@@ -84,10 +84,10 @@ def test_runtime_batch_returns_per_image_errors(app_export: Path, tiny_data: Pat
 def test_app_batch_keeps_the_good_results(app_export: Path, tiny_data: Path, strips: dict[int, Path]) -> None:
     clf = load(app_export, precision="fp32")
     good = sorted((tiny_data / "test" / "square").glob("*.png"))[:3]
-    items = [lib.ImageItem(p.name, p.read_bytes(), "square") for p in good]
-    items.insert(1, lib.ImageItem("strip.png", strips[20_000].read_bytes(), "square"))
-    items.append(lib.ImageItem("long.png", strips[200_000].read_bytes(), "square"))
-    result = lib.classify_items(clf, items)
+    items = [ImageItem(p.name, p.read_bytes(), "square") for p in good]
+    items.insert(1, ImageItem("strip.png", strips[20_000].read_bytes(), "square"))
+    items.append(ImageItem("long.png", strips[200_000].read_bytes(), "square"))
+    result = classify_items(clf, items)
     assert result.errors == 2 and result.labelled == 3
     bad = [r for r in result.rows if r["error"]]
     assert [r["image"] for r in bad] == ["strip.png", "long.png"] and all("too elongated" in r["error"] for r in bad)

@@ -28,7 +28,7 @@ def artifact(tiny_artifact: Path):
 @pytest.fixture(scope="module")
 def onnx_files(artifact, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("onnx")
-    meta = OnnxMetadata.from_artifact(artifact)
+    meta = artifact.onnx_metadata()
     return {
         "fp32": torch_to_onnx(artifact.model, folder / "model.onnx", metadata=meta),
         "baked": torch_to_onnx(artifact.model, folder / "model.preprocess.onnx", metadata=meta,
@@ -65,7 +65,7 @@ def test_graph_has_dynamic_batch_and_passes_full_check(onnx_files) -> None:
 
 
 def test_metadata_read_back_equals_artifact(artifact, onnx_files) -> None:
-    expected = OnnxMetadata.from_artifact(artifact)
+    expected = artifact.onnx_metadata()
     from_onnx = read_onnx_metadata(str(onnx_files["fp32"]))
     assert from_onnx == expected
     assert from_onnx.class_names == tuple(artifact.class_names)
@@ -111,7 +111,7 @@ def test_metadata_of_foreign_file_is_refused() -> None:
 
 
 def test_export_refuses_bad_options(artifact, tmp_path: Path) -> None:
-    meta = OnnxMetadata.from_artifact(artifact)
+    meta = artifact.onnx_metadata()
     with pytest.raises(ExportError, match="Invalid exporter 'tf'"):
         torch_to_onnx(artifact.model, tmp_path / "m.onnx", metadata=meta, exporter="tf")
     with pytest.raises(ExportError, match="Invalid opset 9"):

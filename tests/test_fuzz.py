@@ -206,7 +206,7 @@ def test_random_json_documents(scratch, doc: Any) -> None:  # type: ignore[no-un
 
 @pytest.fixture(scope="module")
 def real_props(tiny_artifact: Path) -> dict[str, str]:
-    return OnnxMetadata.from_artifact(load_artifact(tiny_artifact)).to_props()
+    return load_artifact(tiny_artifact).onnx_metadata().to_props()
 
 
 @FUZZ

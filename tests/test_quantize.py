@@ -24,7 +24,7 @@ from tl_deploy.export.quantize import (
     select_calibration_images,
     signed_input_convs,
 )
-from tl_deploy.formats.metadata import OnnxMetadata, read_onnx_metadata
+from tl_deploy.formats.metadata import read_onnx_metadata
 from tl_deploy.preprocess import PreprocessSpec, prepare, prepare_uint8
 
 CLASSES = ["bar", "circle", "square"]
@@ -34,7 +34,7 @@ CLASSES = ["bar", "circle", "square"]
 def fp32_onnx(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     artifact = load_artifact(tiny_artifact)
     out = tmp_path_factory.mktemp("q") / "model.onnx"
-    return torch_to_onnx(artifact.model, out, metadata=OnnxMetadata.from_artifact(artifact))
+    return torch_to_onnx(artifact.model, out, metadata=artifact.onnx_metadata())
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_quantize_refuses_bad_input(fp32_onnx: Path, tmp_path: Path, tiny_artifa
         onnx_to_int8_onnx(fp32_onnx, tmp_path / "q.onnx", calib,
                           config=QuantizationConfig(nodes_to_exclude=("nope",)))
     artifact = load_artifact(tiny_artifact)
-    baked = torch_to_onnx(artifact.model, tmp_path / "baked.onnx", metadata=OnnxMetadata.from_artifact(artifact),
+    baked = torch_to_onnx(artifact.model, tmp_path / "baked.onnx", metadata=artifact.onnx_metadata(),
                           bake_preprocess=True)
     with pytest.raises(ExportError, match="quantize the float32"):
         onnx_to_int8_onnx(baked, tmp_path / "q.onnx", calib, config=QuantizationConfig())

@@ -29,6 +29,7 @@ from torch import nn
 from tl_deploy import __version__
 from tl_deploy.errors import ArtifactError
 from tl_deploy.fileio import atomic_dir, atomic_write_json, parse_json, read_json, sha256_bytes, sha256_file
+from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.formats.names import ARTIFACT_CONFIG, ARTIFACT_MANIFEST, ARTIFACT_METRICS, ARTIFACT_WEIGHTS
 from tl_deploy.preprocess import PreprocessSpec
 
@@ -110,6 +111,11 @@ class Artifact:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def onnx_metadata(self) -> OnnxMetadata:
+        """The metadata every export of this artifact carries."""
+        return OnnxMetadata(class_names=tuple(self.class_names), spec=self.spec, source_checksum=self.checksum,
+                            architecture=self.architecture.name)
 
     def transform(self):  # type: ignore[no-untyped-def]
         """The eval transform: image (path, PIL, array or bytes) -> (3, H, W) float tensor."""

@@ -93,17 +93,23 @@ class OneLineParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    _tokens: Sequence[str] = ()
+
     def error(self, message: str) -> NoReturn:
-        for action in self._actions:  # argparse names an option by all its strings: leave out the earlier ones
+        # argparse names an option by all its strings: name it as the user typed it, else by its
+        # current names only (the earlier ones are left out of the help too)
+        for action in self._actions:
             hidden = getattr(action, "old_names", ())
             if hidden:
-                shown = "/".join(f for f in action.option_strings if f not in hidden)
+                typed = [f for f in hidden if any(t == f or t.startswith(f + "=") for t in self._tokens)]
+                shown = typed[0] if typed else "/".join(f for f in action.option_strings if f not in hidden)
                 message = message.replace("/".join(action.option_strings), shown)
         self.exit(EXIT_CANNOT_RUN, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         tokens = list(sys.argv[1:] if args is None else args)
+        self._tokens = tokens
         parsed = super().parse_args(tokens, namespace)
         named = self._named_flags(tokens)
         parsed._given = frozenset(named)

@@ -276,7 +276,7 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         _logger.info("onnxslim not installed: graph left unsimplified (pip install 'tl_deploy[simplify]')")
 
     artifact = load_artifact(model_dir, verify=options.verify)
-    metadata = OnnxMetadata.from_artifact(artifact)
+    metadata = artifact.onnx_metadata()
     rows: list[ExportRow] = []
     with atomic_dir(out) as tmp:
         # Sample inputs for the checks: real images when we have them, else seeded noise.

@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tl_deploy import __version__
 from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.fileio import parse_json
 from tl_deploy.formats.names import FLOAT_NCHW, INPUT_LAYOUTS, PRECISIONS
 from tl_deploy.preprocess import PreprocessSpec
-
-if TYPE_CHECKING:
-    from tl_deploy.artifact import Artifact
 
 FORMAT = "tl_deploy.onnx"
 FORMAT_VERSION = 1
@@ -47,12 +44,6 @@ class OnnxMetadata:
             )
         if self.precision not in PRECISIONS:
             raise ArtifactError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} exist.")
-
-    @classmethod
-    def from_artifact(cls, artifact: Artifact) -> OnnxMetadata:
-        """The metadata every export of ``artifact`` carries."""
-        return cls(class_names=tuple(artifact.class_names), spec=artifact.spec,
-                   source_checksum=artifact.checksum, architecture=artifact.architecture.name)
 
     def replace(self, **changes: Any) -> OnnxMetadata:
         return replace(self, **changes)

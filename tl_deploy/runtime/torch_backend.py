@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import BackendUnavailableError
-from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.runtime.base import InputSpec, Runner
 from tl_deploy.runtime.classifier import Classifier
 
@@ -175,4 +174,4 @@ def load_torch(path: Path, *, device: str | None = None, verify: bool = True,
     size = artifact.spec.input_size
     runner: Runner = TorchCudaGraphRunner(artifact.model, device=device, input_shape=(3, size, size)) \
         if cuda_graphs else TorchRunner(artifact.model, device=device, input_shape=(3, size, size))
-    return Classifier(runner, OnnxMetadata.from_artifact(artifact), path)
+    return Classifier(runner, artifact.onnx_metadata(), path)
