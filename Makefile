@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TL := $(VENV)/bin/tl-deploy
 # torch's pinned CPU/CUDA wheels; override for another platform, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
@@ -18,14 +19,14 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 data: $(STAMP)
-	$(PY) -m tl_deploy.datasets animal-shape --out data/animal-shape
+	$(TL) datasets animal-shape --out data/animal-shape
 
 RUN := animal-shape-efficientnet_lite0-lp-ft
 
 demo: data
-	$(PY) -m tl_deploy.finetune
-	$(PY) -m tl_deploy.export models/$(RUN) --int8 --fp16
-	$(PY) -m tl_deploy.parity models/$(RUN)
+	$(TL) finetune
+	$(TL) export models/$(RUN) --int8 --fp16
+	$(TL) parity models/$(RUN)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

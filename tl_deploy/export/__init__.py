@@ -244,16 +244,47 @@ def _export_int8(fp32: Path, folder: Path, calib_paths: list[Path], holdout: np.
     return rows
 
 
-def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                    options: ExportOptions = ExportOptions()) -> list[ExportRow]:
-    """Export ``model_dir`` into ``out_dir`` (built aside, then moved into place); return the rows.
+@dataclass
+class CheckImages:
+    """The inputs an export checks its files on: real images when the artifact names its data, else
+    seeded noise; and the calibration images of an INT8 export."""
 
-    Everything that can be refused is refused before any work: a missing TensorRT/GPU for ``trt``
-    (``BackendUnavailableError``, exit code 2), missing calibration data for ``int8``.
-    """
-    from tl_deploy.artifact import load_artifact, read_config
+    probe: np.ndarray  # (n, 3, H, W): ONNX FP32 vs PyTorch
+    checks: np.ndarray  # (n, 3, H, W): FP16 and engine checks
+    checked_on: str  # "64 held-out images" or "16 noise inputs", for the check lines
+    holdout: np.ndarray | None = None  # the INT8 top-1 check images (None: no images)
+    held_out: int = 0  # how many of them were kept out of calibration (0: calibration images)
+    calib_paths: list[Path] = field(default_factory=list)
 
-    model_dir, out = Path(model_dir), Path(out_dir)
+
+def check_images(calib_dir: Path | None, check_dir: Path | None, spec: Any, options: ExportOptions) -> CheckImages:
+    """Pick the calibration and check images (``calib_dir`` with --int8, else ``check_dir`` or none)."""
+    holdout: np.ndarray | None = None
+    held_out = 0
+    calib_paths: list[Path] = []
+    if calib_dir is not None:
+        picked = select_calibration_images(calib_dir, options.calib_samples, options.seed, holdout=HOLDOUT_IMAGES)
+        # Calibration gets its full share first; the INT8 check uses what is left, or (none left)
+        # calibration images themselves, and says so: never skipped without a word.
+        calib_paths, hold_paths = picked[:options.calib_samples], picked[options.calib_samples:]
+        check_paths = hold_paths or calib_paths[:HOLDOUT_IMAGES]
+        holdout = np.concatenate(list(calibration_batches(check_paths, spec)))
+        held_out = len(hold_paths)
+    elif check_dir is not None:
+        hold_paths = select_calibration_images(check_dir, HOLDOUT_IMAGES, options.seed)
+        holdout = np.concatenate(list(calibration_batches(hold_paths, spec)))
+    size = spec.input_size
+    if holdout is not None:
+        return CheckImages(holdout[:8], holdout, f"{len(holdout)} held-out images", holdout, held_out, calib_paths)
+    noise = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    probe = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
+    return CheckImages(probe, noise, f"{len(noise)} noise inputs", None, 0, calib_paths)
+
+
+def _refuse_before_work(model_dir: Path, out: Path, options: ExportOptions) -> tuple[Path | None, Path | None]:
+    """Everything that can be refused, before any work; returns (calibration dir, check-image dir)."""
+    from tl_deploy.artifact import read_config
+
     if options.calib_samples <= 0:
         raise DataError(f"Invalid --calib-samples {options.calib_samples}: choose a positive number.")
     if options.fp16:
@@ -271,100 +302,113 @@ def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             check_dir = resolve_calibration_dir(model_dir, config, options.calib_data)
         except DataError as exc:
             _logger.info("FP16/TensorRT checks run on seeded noise: %s", exc)
+    return calib_dir, check_dir
+
+
+def _export_fp32(artifact: Any, folder: Path, metadata: OnnxMetadata, images: CheckImages, simplify: bool,
+                 options: ExportOptions) -> ExportRow:
+    """model.onnx, refused when its logits differ from PyTorch's by more than ``PARITY_TOL``."""
+    _logger.info("ONNX FP32: exporting %s (opset %d, %s exporter)", artifact.architecture.name, options.opset,
+                 options.exporter)
+    start = time.perf_counter()
+    fp32 = torch_to_onnx(artifact.model, folder / FP32_FILE, metadata=metadata, opset=options.opset,
+                         simplify=simplify, exporter=options.exporter)
+    diff = _onnx_parity(fp32, artifact.model, images.probe)
+    if diff > PARITY_TOL:
+        raise ExportError(f"ONNX logits differ from PyTorch by {diff:.2e} (> {PARITY_TOL}): export is wrong.")
+    return _finish(ExportRow("ONNX FP32", FP32_FILE, "onnx", "fp32", FLOAT_NCHW, "any", time.perf_counter() - start,
+                             check=f"max|dlogit| {diff:.1e} vs torch"), fp32)
+
+
+def _export_baked(artifact: Any, folder: Path, metadata: OnnxMetadata, simplify: bool,
+                  options: ExportOptions) -> ExportRow:
+    """model.preprocess.onnx: uint8 NHWC images in, the normalisation inside the graph."""
+    start = time.perf_counter()
+    baked = torch_to_onnx(artifact.model, folder / BAKED_FILE, metadata=metadata, opset=options.opset,
+                          bake_preprocess=True, simplify=simplify, exporter=options.exporter)
+    return _finish(ExportRow("ONNX FP32 uint8-in", BAKED_FILE, "onnx", "fp32", UINT8_NHWC, "any",
+                             time.perf_counter() - start, check="normalisation in graph"), baked)
+
+
+def _export_fp16(fp32: Path, folder: Path, images: CheckImages) -> ExportRow:
+    """model.fp16.onnx, checked against model.onnx."""
+    _logger.info("ONNX FP16: converting %s (%s)", FP32_FILE, FP16_CONVERTER)
+    half = onnx_to_fp16_onnx(fp32, folder / FP16_FILE)
+    check = _check_fp16_onnx(half.path, fp32, images.checks, images.checked_on)
+    return _finish(ExportRow("ONNX FP16", FP16_FILE, "onnx", "fp16", FLOAT_NCHW, "any", half.seconds, check=check,
+                             extra={"converter": FP16_CONVERTER, "fp16_nodes": half.fp16_nodes,
+                                    "fp32_nodes": half.fp32_nodes}), half.path)
+
+
+def _build_engines(folder: Path, out: Path, images: CheckImages, options: ExportOptions) -> list[ExportRow]:
+    """One TensorRT engine per ONNX precision asked for, each checked against its source file."""
+    cache = options.timing_cache or out.parent / "trt_timing.cache"
+    # One build path: the engine's precision is its ONNX file's (strongly typed network).
+    builds = ([("int8", folder / INT8_FILE)] if options.int8 else []) + \
+             ([("fp16", folder / FP16_FILE)] if options.fp16 else []) + \
+             ([("fp32", folder / FP32_FILE)] if not (options.int8 or options.fp16) else [])
+    rows = []
+    for precision, source in builds:
+        name = engine_file(precision)
+        _logger.info("TensorRT %s: building %s from %s (batch %s)", precision.upper(), name, source.name,
+                     options.batch)
+        engine = onnx_to_engine(source, folder / name, profile=options.batch,
+                                workspace_bytes=int(options.workspace_gb * (1 << 30)), timing_cache=cache,
+                                device=options.device)
+        check = _check_engine(engine.path, source, images.checks, images.checked_on, options.device)
+        rows.append(_finish(ExportRow(f"TensorRT {precision.upper()}", name, "engine", precision, FLOAT_NCHW,
+                                      "tensorrt", engine.seconds,
+                                      check=f"{engine.sidecar['gpu']}, batch {options.batch}, {check}",
+                                      extra={"source": source.name}), engine.path))
+    return rows
+
+
+def _write_manifest(folder: Path, model_dir: Path, artifact: Any, metadata: OnnxMetadata, rows: list[ExportRow],
+                    images: CheckImages, simplify: bool, options: ExportOptions) -> None:
+    from tl_deploy.artifact import package_versions
+
+    atomic_write_json(folder / EXPORT_MANIFEST, make_export_manifest(
+        tl_deploy_version=__version__,
+        source={"path": str(model_dir), "checksum": artifact.checksum, "architecture": artifact.architecture.name},
+        metadata=metadata.to_dict(),
+        options={"opset": options.opset, "exporter": options.exporter, "simplify": simplify,
+                 "calib_method": options.calib_method, "calib_images": len(images.calib_paths),
+                 "batch": str(options.batch)},
+        versions=package_versions(),
+        files=[row.to_dict() for row in rows],
+    ))
+
+
+def export_artifact(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                    options: ExportOptions = ExportOptions()) -> list[ExportRow]:
+    """Export ``model_dir`` into ``out_dir`` (built aside, then moved into place); return the rows.
+
+    Everything that can be refused is refused before any work: a missing TensorRT/GPU for ``trt``
+    (``BackendUnavailableError``, exit code 2), missing calibration data for ``int8``.
+    """
+    from tl_deploy.artifact import load_artifact
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    calib_dir, check_dir = _refuse_before_work(model_dir, out, options)
     simplify = simplify_available() if options.simplify is None else options.simplify
     if options.simplify is None and not simplify:
         _logger.info("onnxslim not installed: graph left unsimplified (pip install 'tl_deploy[simplify]')")
 
     artifact = load_artifact(model_dir, verify=options.verify)
     metadata = artifact.onnx_metadata()
-    rows: list[ExportRow] = []
     with atomic_dir(out) as tmp:
-        # Sample inputs for the checks: real images when we have them, else seeded noise.
-        holdout: np.ndarray | None = None
-        held_out = 0  # how many of the check images were kept out of calibration
-        calib_paths: list[Path] = []
-        if calib_dir is not None:
-            picked = select_calibration_images(calib_dir, options.calib_samples, options.seed,
-                                               holdout=HOLDOUT_IMAGES)
-            # Calibration gets its full share first; the INT8 check uses what is left, or (none left)
-            # calibration images themselves, and says so: never skipped without a word.
-            calib_paths, hold_paths = picked[:options.calib_samples], picked[options.calib_samples:]
-            check_paths = hold_paths or calib_paths[:HOLDOUT_IMAGES]
-            holdout = np.concatenate(list(calibration_batches(check_paths, artifact.spec)))
-            held_out = len(hold_paths)
-        elif check_dir is not None:
-            hold_paths = select_calibration_images(check_dir, HOLDOUT_IMAGES, options.seed)
-            holdout = np.concatenate(list(calibration_batches(hold_paths, artifact.spec)))
-        size = artifact.spec.input_size
-        probe = holdout[:8] if holdout is not None else \
-            np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
-        checks = holdout if holdout is not None else \
-            np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
-        checked_on = f"{len(checks)} held-out images" if holdout is not None else f"{len(checks)} noise inputs"
-
-        _logger.info("ONNX FP32: exporting %s (opset %d, %s exporter)", artifact.architecture.name,
-                     options.opset, options.exporter)
-        start = time.perf_counter()
-        fp32 = torch_to_onnx(artifact.model, tmp / FP32_FILE, metadata=metadata, opset=options.opset,
-                             simplify=simplify, exporter=options.exporter)
-        diff = _onnx_parity(fp32, artifact.model, probe)
-        if diff > PARITY_TOL:
-            raise ExportError(f"ONNX logits differ from PyTorch by {diff:.2e} (> {PARITY_TOL}): export is wrong.")
-        rows.append(_finish(ExportRow("ONNX FP32", FP32_FILE, "onnx", "fp32", FLOAT_NCHW, "any",
-                                      time.perf_counter() - start, check=f"max|dlogit| {diff:.1e} vs torch"), fp32))
-
+        images = check_images(calib_dir, check_dir, artifact.spec, options)
+        rows = [_export_fp32(artifact, tmp, metadata, images, simplify, options)]
         if options.bake_preprocess:
-            start = time.perf_counter()
-            baked = torch_to_onnx(artifact.model, tmp / BAKED_FILE, metadata=metadata, opset=options.opset,
-                                  bake_preprocess=True, simplify=simplify, exporter=options.exporter)
-            rows.append(_finish(ExportRow("ONNX FP32 uint8-in", BAKED_FILE, "onnx", "fp32", UINT8_NHWC, "any",
-                                          time.perf_counter() - start, check="normalisation in graph"), baked))
-
+            rows.append(_export_baked(artifact, tmp, metadata, simplify, options))
         if options.fp16:
-            _logger.info("ONNX FP16: converting %s (%s)", FP32_FILE, FP16_CONVERTER)
-            half = onnx_to_fp16_onnx(fp32, tmp / FP16_FILE)
-            check = _check_fp16_onnx(half.path, fp32, checks, checked_on)
-            rows.append(_finish(ExportRow("ONNX FP16", FP16_FILE, "onnx", "fp16", FLOAT_NCHW, "any", half.seconds,
-                                          check=check, extra={"converter": FP16_CONVERTER,
-                                                              "fp16_nodes": half.fp16_nodes,
-                                                              "fp32_nodes": half.fp32_nodes}), half.path))
-
+            rows.append(_export_fp16(tmp / FP32_FILE, tmp, images))
         if options.int8:
-            rows.extend(_export_int8(fp32, tmp, calib_paths, holdout, held_out, str(calib_dir), artifact.spec,
-                                     options))
-
+            rows.extend(_export_int8(tmp / FP32_FILE, tmp, images.calib_paths, images.holdout, images.held_out,
+                                     str(calib_dir), artifact.spec, options))
         if options.trt:
-            cache = options.timing_cache or out.parent / "trt_timing.cache"
-            # One build path: the engine's precision is its ONNX file's (strongly typed network).
-            builds = ([("int8", tmp / INT8_FILE)] if options.int8 else []) + \
-                     ([("fp16", tmp / FP16_FILE)] if options.fp16 else []) + \
-                     ([("fp32", fp32)] if not (options.int8 or options.fp16) else [])
-            for precision, source in builds:
-                name = engine_file(precision)
-                _logger.info("TensorRT %s: building %s from %s (batch %s)", precision.upper(), name, source.name,
-                             options.batch)
-                engine = onnx_to_engine(source, tmp / name, profile=options.batch,
-                                        workspace_bytes=int(options.workspace_gb * (1 << 30)),
-                                        timing_cache=cache, device=options.device)
-                check = _check_engine(engine.path, source, checks, checked_on, options.device)
-                rows.append(_finish(ExportRow(f"TensorRT {precision.upper()}", name, "engine", precision,
-                                              FLOAT_NCHW, "tensorrt", engine.seconds,
-                                              check=f"{engine.sidecar['gpu']}, batch {options.batch}, {check}",
-                                              extra={"source": source.name}),
-                                    engine.path))
-
-        from tl_deploy.artifact import package_versions
-
-        atomic_write_json(tmp / EXPORT_MANIFEST, make_export_manifest(
-            tl_deploy_version=__version__,
-            source={"path": str(model_dir), "checksum": artifact.checksum, "architecture": artifact.architecture.name},
-            metadata=metadata.to_dict(),
-            options={"opset": options.opset, "exporter": options.exporter, "simplify": simplify,
-                     "calib_method": options.calib_method, "calib_images": len(calib_paths),
-                     "batch": str(options.batch)},
-            versions=package_versions(),
-            files=[row.to_dict() for row in rows],
-        ))
+            rows.extend(_build_engines(tmp, out, images, options))
+        _write_manifest(tmp, model_dir, artifact, metadata, rows, images, simplify, options)
     _logger.info("wrote export folder %s", out)
     return rows
 
