@@ -62,6 +62,7 @@ def predict_timed(classifier: Classifier, image: object, top_k: int) -> tuple[li
 
 st.title("Classify images")
 trt_ok, ort_gpu, torch_ok = cards.backends_here()
+openvino_ok = cards.openvino_here()
 args = page_args()
 choices = {c.key: c for c in cards.model_choices(Path(args.model) if args.model else None)}
 if not choices:
@@ -78,7 +79,8 @@ with st.sidebar:
                                   "under models/; start with --model PATH for another.")
     model_path = choices[model_key].path
     try:
-        engines = {e.key: e for e in cards.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok)}
+        engines = {e.key: e for e in cards.available_engines(model_path, tensorrt_ok=trt_ok, torch_ok=torch_ok,
+                                                                openvino_ok=openvino_ok)}
     except TlDeployError as exc:
         st.error(str(exc))
         st.stop()
@@ -87,7 +89,7 @@ with st.sidebar:
                                   format_func=lambda k: engines[k].label, key="compare",
                                   help="Run every image on these backends too, side by side.")
     found = [name for name, ok in (("TensorRT", trt_ok), ("ONNX Runtime CUDA", ort_gpu), ("PyTorch", torch_ok)) if ok]
-    st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"]))
+    st.caption("Available here: " + ", ".join(found + ["ONNX Runtime CPU"] + ["OpenVINO CPU"] * openvino_ok))
     st.caption(f"Uploads up to {st.get_option('server.maxUploadSize')} MB each; images up to "
                f"{reading.MAX_IMAGE_PIXELS / 1e6:g} MP.")
 

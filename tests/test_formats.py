@@ -59,6 +59,19 @@ def test_runtime_depends_on_nothing_from_training_or_export(export_dir: Path) ->
     assert not _offending(modules, HEAVY + TRAINING_OR_EXPORT)
 
 
+def test_openvino_backend_depends_on_nothing_from_training_or_export(export_dir: Path) -> None:
+    """The OpenVINO path is edge code too: no torch, no onnx, no training or export module."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tl_deploy[openvino]')")
+    modules = _imported_after(
+        "import tl_deploy.runtime.openvino_backend, tl_deploy.runtime.cpu\n"
+        "from tl_deploy.runtime import load\n"
+        f"clf = load({str(export_dir)!r}, backend='openvino')\n"
+        "assert clf.backend_name == 'openvino'\n"
+        "clf.close()"
+    )
+    assert "openvino" in modules and not _offending(modules, HEAVY + TRAINING_OR_EXPORT)
+
+
 def test_each_fact_is_defined_once() -> None:
     """No module of the library spells an export file name or the manifest name itself."""
     literals = ['"export.json"', '"model.onnx"', '"model.fp16.onnx"', '"model.int8.onnx"', '"model.int8.cpu.onnx"',

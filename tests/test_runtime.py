@@ -49,8 +49,9 @@ def test_predict_accepts_paths_pil_arrays_and_bytes(torch_clf, test_images: list
     assert len(stacked.labels) == 4  # a (N, H, W, C) array is a batch
 
 
-def test_export_folder_auto_falls_back_to_onnxruntime(export_dir: Path) -> None:
-    clf = load(export_dir, device="cpu")  # no engine, no GPU: onnxruntime's CPU provider
+def test_export_folder_auto_falls_back_to_onnxruntime(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_problem", lambda: "OpenVINO is not installed")
+    clf = load(export_dir, device="cpu")  # no engine, no GPU, no OpenVINO: onnxruntime's CPU provider
     assert clf.backend_name == "onnxruntime" and clf.device == "cpu"
     assert clf.precision == "int8" and clf.source.name == "model.int8.cpu.onnx"  # fastest on CPU
     fp32 = load(export_dir, precision="fp32", device="cpu")
@@ -90,11 +91,15 @@ THREADS, PER_THREAD = 8, 200
 
 
 @pytest.mark.parametrize("which", ["torch", "model.onnx", "model.int8.cpu.onnx", "model.int8.onnx",
-                                   "model.preprocess.onnx"])
+                                   "model.preprocess.onnx", "openvino:model.onnx", "openvino:model.int8.onnx"])
 def test_8_threads_x_200_predictions_equal_the_serial_results(which: str, tiny_artifact: Path, export_dir: Path,
                                                               test_images: list[Path]) -> None:
     """One shared classifier per backend; paths, bytes, PIL images and arrays mixed; bit-identical results."""
-    clf = load(tiny_artifact, device="cpu") if which == "torch" else load(export_dir / which, device="cpu")
+    backend, _, file = which.rpartition(":")
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tl_deploy[openvino]')")
+    clf = load(tiny_artifact, device="cpu") if which == "torch" else \
+        load(export_dir / file, backend=backend or "auto", device="cpu")
     assert clf.thread_safe
     inputs: list[object] = []
     for i, path in enumerate(test_images):

@@ -18,7 +18,7 @@ import numpy as np
 
 from tl_deploy.errors import TlDeployError
 from tl_deploy.formats.metadata import OnnxMetadata
-from tl_deploy.formats.names import PRECISIONS
+from tl_deploy.formats.names import COMPUTE_PRECISIONS
 from tl_deploy.reports import format_table
 from tl_deploy.runtime.classifier import softmax
 
@@ -40,6 +40,8 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-3, max_acc_drop=0.0, min_agreement=100.0),
     "fp16": Tolerance(atol=None, max_acc_drop=0.3, min_agreement=99.5),
+    # bf16 keeps FP32's range but 8 mantissa bits (FP16 has 11): logits move by ~1e-2, held like FP16
+    "bf16": Tolerance(atol=None, max_acc_drop=0.3, min_agreement=99.5),
     "int8": Tolerance(atol=None, max_acc_drop=1.0, min_agreement=98.0),
 }
 _EPS = 1e-9  # float slack when comparing measured shares with tolerances
@@ -51,9 +53,10 @@ def parse_overrides(values: Sequence[str] | None, option: str, *, low: float,
     out: dict[str, float] = {}
     for value in values or ():
         precision, _, number = value.rpartition("=")
-        targets = [precision] if precision else list(PRECISIONS)
-        if precision and precision not in PRECISIONS:
-            raise TlDeployError(f"Invalid {option} {value!r}: precision must be one of {', '.join(PRECISIONS)}.")
+        targets = [precision] if precision else list(COMPUTE_PRECISIONS)
+        if precision and precision not in COMPUTE_PRECISIONS:
+            raise TlDeployError(f"Invalid {option} {value!r}: precision must be one of "
+                                f"{', '.join(COMPUTE_PRECISIONS)}.")
         try:
             parsed = float(number)
         except ValueError:

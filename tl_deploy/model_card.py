@@ -25,7 +25,8 @@ _logger = logging.getLogger(__name__)
 
 EXPORT_ROOT = Path("export")  # where `python -m tl_deploy.export` writes by default
 MODELS_ROOT = Path("models")  # where `python -m tl_deploy.finetune` writes by default
-BACKEND_LABELS = {"tensorrt": "TensorRT", "onnxruntime": "ONNX Runtime", "torch": "PyTorch"}  # the page's words
+BACKEND_LABELS = {"tensorrt": "TensorRT", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO",
+                  "torch": "PyTorch"}  # the page's words
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +144,13 @@ def backends_here() -> tuple[bool, bool, bool]:
     return tensorrt_available(), ort_gpu_available(), torch_available()
 
 
+def openvino_here() -> bool:
+    """Whether the OpenVINO backend is installed (found, not imported)."""
+    from tl_deploy.runtime.cpu import openvino_installed
+
+    return openvino_installed()
+
+
 # Classifiers loaded by the launcher before the server answers, taken by the page's first session.
 _WARMED: dict[tuple[str, str, str, float], Any] = {}
 
@@ -194,8 +202,9 @@ def source_artifact(model: Path) -> Path | None:
     return None
 
 
-def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool) -> list[Engine]:
-    """Every backend/precision the model can run on here, fastest choice (``auto``) first."""
+def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool, openvino_ok: bool = False) -> list[Engine]:
+    """Every backend/precision the model can run on here, fastest choice (``auto``) first
+    (``openvino_ok``: list OpenVINO's precisions too)."""
     if model.is_file():
         return [Engine(f"{model.suffix[1:]} file", model, "auto")]
     if (model / ARTIFACT_CONFIG).is_file():
@@ -203,7 +212,7 @@ def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool) -> list
     from tl_deploy.runtime import export_choices
 
     engines = [Engine("fastest available", model, "auto")]
-    for backend, precision in export_choices(model, tensorrt_ok=tensorrt_ok):
+    for backend, precision in export_choices(model, tensorrt_ok=tensorrt_ok, openvino_ok=openvino_ok):
         engines.append(Engine(f"{BACKEND_LABELS[backend]} {precision.upper()}", model, backend, precision))
     artifact = source_artifact(model)
     if torch_ok and artifact is not None:

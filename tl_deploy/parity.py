@@ -245,16 +245,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"backends to compare with torch, space or comma separated (default: all of "
                         f"{', '.join(n for n in BACKEND_NAMES if n in EXPORT_BACKENDS)}; absent ones are skipped)")
     p.add_argument("--atol", action="append", metavar="[PRECISION=]X",
-                   help="max |logit difference|; a bare X sets every precision (default fp32=1e-3; fp16/int8 "
+                   help="max |logit difference|; a bare X sets every precision (default fp32=1e-3; fp16/bf16/int8 "
                         "unchecked: their logits move by 1e-2..1, so write fp32=X)")
     p.add_argument("--max-acc-drop", action="append", metavar="[PRECISION=]PT",
-                   help="accuracy points a backend may lose (default fp32=0, fp16=0.3, int8=1.0)")
+                   help="accuracy points a backend may lose (default fp32=0, fp16=0.3, bf16=0.3, int8=1.0)")
     p.add_argument("--min-agreement", action="append", metavar="[PRECISION=]PCT",
-                   help="top-1 agreement with torch in percent (default fp32=100, fp16=99.5, int8=98)")
+                   help="top-1 agreement with torch in percent (default fp32=100, fp16=99.5, bf16=99.5, int8=98)")
     add_limit(p, help="compare on at most N images of the split, evenly spaced (default: all)")
     add_device(p, help="device of the PyTorch reference: auto (CUDA when present), cpu, cuda or cuda:N; "
                        "it computes in FP32 either way")
-    add_threads(p, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    add_threads(p, help="onnxruntime intra-op and OpenVINO inference threads (default: their own choice)")
     add_report(p, help="report path stem: writes STEM.json and STEM.md (default: <export>.parity-<split>)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="compare files that no longer match their sha256 (artifact manifest, export.json)")
@@ -268,9 +268,9 @@ def refuse_no_ops(args: argparse.Namespace, backends: Sequence[str]) -> None:
     if args.split == "test":
         refuse_unused(args, ["val_fraction"], "with --split test (it only carves val/ out of train/): drop it or "
                                               "choose --split val or train")
-    if not any(name.startswith("onnx-") for name in backends):
-        refuse_unused(args, ["threads"], "without an onnx-* backend (it sets onnxruntime's threads): drop it or "
-                                         "add an onnx-* backend")
+    if not any(name.startswith(("onnx-", "openvino-")) for name in backends):
+        refuse_unused(args, ["threads"], "without an onnx-* backend or an openvino-* one (it sets their "
+                                         "threads): drop it or add one")
     bare = [value for value in args.atol or () if "=" not in value]
     reduced = sorted({EXPORT_BACKENDS[name][0] for name in backends if name in EXPORT_BACKENDS} - {"fp32"})
     if bare and reduced:

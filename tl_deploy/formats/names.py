@@ -13,6 +13,8 @@ FLOAT_NCHW = "float32_nchw"  # (N, 3, H, W) float32, normalised by the Preproces
 UINT8_NHWC = "uint8_nhwc"  # (N, H, W, 3) uint8 RGB, resized and cropped; the graph normalises
 INPUT_LAYOUTS = (FLOAT_NCHW, UINT8_NHWC)
 PRECISIONS = ("fp32", "fp16", "int8")  # numeric precision of an exported file or engine
+# What a runtime computes in: a file's own precision, or bf16 (OpenVINO computing an FP32 file on a CPU with bf16)
+COMPUTE_PRECISIONS = (*PRECISIONS, "bf16")
 
 # ---------------------------------------------------------------- tensor names of exported graphs
 INPUT_NAME = "input"  # float32 (N, 3, H, W)

@@ -2,13 +2,15 @@
 
 ``path`` may be a model artifact folder (torch backend), an export folder (the best file in it is
 picked), or a single ``.onnx`` / ``.engine`` file. Backends are imported lazily, so the onnxruntime
-path never imports torch: edge code needs only ``numpy pillow onnxruntime``. The runtime reads the
-file formats (``tl_deploy.formats``) and nothing from training or export.
+and OpenVINO paths never import torch: edge code needs only ``numpy pillow onnxruntime`` (or
+``openvino``). The runtime reads the file formats (``tl_deploy.formats``) and nothing from training
+or export.
 
 =========================  =================================================================
 ``runtime.base``           ``Runner``: the lifecycle every backend shares (activate/infer/deactivate)
 ``runtime.classifier``     ``Classifier``: runner + metadata + preprocessing; ``Prediction``
 ``runtime.gpu``            what this machine offers: GPU index, CUDA, TensorRT, onnxruntime-gpu
+``runtime.cpu``            what this CPU offers, and the measured rule that lets ``auto`` pick OpenVINO
 ``runtime.catalog``        the named backends of an export folder, for parity and bench
 ``runtime.*_backend``      one runner (and its loader) per backend
 =========================  =================================================================
@@ -34,18 +36,25 @@ from tl_deploy.formats.export_manifest import (
     usable_files,
     verify_export_file,
 )
-from tl_deploy.formats.names import ARTIFACT_CONFIG, ENGINE_SUFFIXES, EXPORT_MANIFEST, ONNX_SUFFIX, PRECISIONS
+from tl_deploy.formats.names import (
+    ARTIFACT_CONFIG,
+    COMPUTE_PRECISIONS,
+    ENGINE_SUFFIXES,
+    EXPORT_MANIFEST,
+    ONNX_SUFFIX,
+)
 from tl_deploy.runtime.base import Runner
 from tl_deploy.runtime.classifier import Classifier, Prediction, softmax
+from tl_deploy.runtime.cpu import openvino_auto_problem
 from tl_deploy.runtime.gpu import gpu_index, ort_gpu_available, tensorrt_available
 
-__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "export_choices", "load",
-           "softmax"]
+__all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "choose_openvino_file",
+           "export_choices", "load", "softmax"]
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-LOAD_PRECISIONS = ("auto", *PRECISIONS)  # what load(precision=...) accepts
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+LOAD_PRECISIONS = ("auto", *COMPUTE_PRECISIONS)  # what load(precision=...) accepts (bf16: OpenVINO only)
 FASTEST_FIRST = ("int8", "fp16", "fp32")
 
 
@@ -81,7 +90,9 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     ``auto`` means fastest: a TensorRT engine when TensorRT works here (INT8 > FP16 > FP32), else
     onnxruntime: on CPU the CPU-tuned INT8 file, then FP32; on a CUDA provider FP32. ``fp16`` on
     onnxruntime is ``model.fp16.onnx`` (never picked by ``auto``: its speed is not measured yet).
-    Baked-preprocess files are never picked (load them by path).
+    Baked-preprocess files are never picked (load them by path). ``backend='openvino'`` or
+    ``precision='bf16'``: ``choose_openvino_file``. (``load`` may then switch a CPU ``auto`` pick to
+    OpenVINO INT8: that rule looks at the machine, so it is not in this pure function.)
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
@@ -92,6 +103,8 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     onnx_files = [f for f in usable if f.get("kind") == "onnx"]
     if backend == "torch":
         raise ArtifactError("An export folder holds no PyTorch model: load the model artifact folder for torch.")
+    if backend == "openvino" or precision == "bf16":
+        return choose_openvino_file(files, precision=precision), "OpenVINO, as asked"
 
     def by_precision(cands: list[Mapping[str, Any]], order: Sequence[str]) -> Mapping[str, Any] | None:
         for want in order:
@@ -129,13 +142,42 @@ def choose_export_file(files: Sequence[Mapping[str, Any]], *, backend: str, prec
     return ranked[0], f"onnxruntime ({why})"
 
 
-def export_choices(folder: Path, *, tensorrt_ok: bool) -> list[tuple[str, str]]:
+# OpenVINO's file per asked precision, first found wins: the QDQ INT8 file is its fastest (docs/speed.md),
+# bf16 is the FP32 file computed in bf16.
+OPENVINO_ORDER = {"auto": ("int8", "fp32"), "int8": ("int8",), "fp16": ("fp16",), "fp32": ("fp32",),
+                  "bf16": ("fp32",)}
+
+
+def choose_openvino_file(files: Sequence[Mapping[str, Any]], *, precision: str) -> Mapping[str, Any]:
+    """The file of an export folder OpenVINO runs for ``precision`` (pure): INT8 is the QDQ file
+    (``model.int8.cpu.onnx`` is tuned for onnxruntime), bf16 and fp32 the FP32 file."""
+    if precision not in OPENVINO_ORDER:
+        raise TlDeployError(f"Invalid precision {precision!r}. Only {', '.join(OPENVINO_ORDER)} exist.")
+    onnx_files = [f for f in usable_files(files) if f.get("kind") == "onnx"]
+    for want in OPENVINO_ORDER[precision]:
+        for entry in onnx_files:
+            if entry.get("precision") == want and (want != "int8" or entry.get("target") != "cpu"):
+                return entry
+    raise ArtifactError(f"No ONNX file for OpenVINO {precision} in this export folder (it runs "
+                        f"{' or '.join(OPENVINO_ORDER[precision])} files): export it, or choose another precision.")
+
+
+def export_choices(folder: Path, *, tensorrt_ok: bool, openvino_ok: bool = False) -> list[tuple[str, str]]:
     """The (backend, precision) pairs ``load(folder, backend, precision=...)`` can run here: TensorRT
-    engines first when ``tensorrt_ok``, then onnxruntime files; INT8 > FP16 > FP32 within each."""
+    engines first when ``tensorrt_ok``, then OpenVINO when ``openvino_ok`` (installed; its INT8 is the
+    faster CPU backend where measured), then onnxruntime files; INT8 > FP16 > FP32 within each."""
     files = usable_files(read_export_manifest(folder)["files"])
-    kinds = ([("tensorrt", "engine")] if tensorrt_ok else []) + [("onnxruntime", "onnx")]
-    return [(backend, precision) for backend, kind in kinds for precision in FASTEST_FIRST
-            if any(f.get("kind") == kind and f.get("precision") == precision for f in files)]
+    kinds = ([("tensorrt", "engine")] if tensorrt_ok else []) + ([("openvino", "onnx")] if openvino_ok else []) \
+        + [("onnxruntime", "onnx")]
+    choices = []
+    for backend, kind in kinds:
+        for precision in FASTEST_FIRST:
+            found = [f for f in files if f.get("kind") == kind and f.get("precision") == precision]
+            if backend == "openvino" and precision == "int8":
+                found = [f for f in found if f.get("target") != "cpu"]
+            if found:
+                choices.append((backend, precision))
+    return choices
 
 
 def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str = "auto",
@@ -143,10 +185,13 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
          device: str | None = None, verify: bool = True) -> Classifier:
     """Load a classifier; ``.backend_name`` and ``.precision`` say what was picked (also logged).
 
-    ``backend``: auto | torch | onnxruntime | tensorrt. ``precision`` (export folders): auto | fp32 |
-    fp16 | int8. ``providers``/``threads``: onnxruntime options. ``device``: ``cpu``, ``cuda`` or
-    ``cuda:N``, for torch, onnxruntime and TensorRT engines (``cpu``: onnxruntime's CPU provider only;
-    None: a GPU when one is usable).
+    ``backend``: auto | torch | onnxruntime | openvino | tensorrt. ``precision`` (export folders): auto
+    | fp32 | fp16 | int8 | bf16 (OpenVINO computing the FP32 file; also for an ``.onnx`` path).
+    ``providers``: onnxruntime's; ``threads``: onnxruntime's and OpenVINO's. ``device``: ``cpu``,
+    ``cuda`` or ``cuda:N``, for torch, onnxruntime and TensorRT engines (``cpu``: onnxruntime's CPU
+    provider only; None: a GPU when one is usable). ``auto`` on the CPU picks OpenVINO INT8 where it is
+    installed on an x86 CPU with VNNI (measured faster, docs/speed.md), else onnxruntime; the choice
+    and the reason are logged.
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
     """
@@ -157,7 +202,8 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     if path.is_file():
         if verify:
             verify_export_file(path)
-        classifier = _load_file(path, backend, providers=providers, threads=threads, device=device)
+        classifier = _load_file(path, backend, precision=precision, providers=providers, threads=threads,
+                                device=device)
     elif (path / ARTIFACT_CONFIG).is_file():
         if backend not in ("auto", "torch"):
             raise ArtifactError(
@@ -202,19 +248,41 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
                       verify: bool) -> Classifier:
     entry, reason = choose_export_file(files, backend=backend, precision=precision, tensorrt_ok=tensorrt_ok,
                                        ort_gpu=ort_gpu)
+    runtime = "openvino" if backend == "openvino" or precision == "bf16" else "auto"
+    if backend == precision == "auto" and entry.get("kind") == "onnx" and not ort_gpu and providers is None \
+            and device in (None, "cpu"):
+        entry, reason, runtime = _auto_cpu_choice(files, entry, reason)
     _logger.info("export folder %s: picked %s (%s)", folder, entry["file"], reason)
     chosen = export_file(folder, str(entry["file"]), manifest, verify=verify)
-    return _load_file(chosen, "auto", providers=providers, threads=threads, device=device)
+    return _load_file(chosen, runtime, precision=precision, providers=providers, threads=threads, device=device)
 
 
-def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
+def _auto_cpu_choice(files: Sequence[Mapping[str, Any]], entry: Mapping[str, Any],
+                     reason: str) -> tuple[Mapping[str, Any], str, str]:
+    """``auto`` on the CPU: OpenVINO INT8 where the measured rule holds (``runtime.cpu``), else
+    onnxruntime's pick; (file entry, why, backend for ``_load_file``)."""
+    problem = openvino_auto_problem()
+    if problem is None:
+        try:
+            qdq = choose_openvino_file(files, precision="int8")
+        except ArtifactError:
+            problem = "the folder has no QDQ INT8 file"
+        else:
+            return qdq, "OpenVINO INT8: installed on an x86 CPU with VNNI, where it beat onnxruntime INT8", "openvino"
+    return entry, f"{reason}; not OpenVINO: {problem}", "auto"
+
+
+def _load_file(path: Path, backend: str, *, precision: str = "auto", providers: Sequence[str] | None,
                threads: int | None, device: str | None = None) -> Classifier:
     suffix = path.suffix.lower()
+    if suffix == ONNX_SUFFIX and (backend == "openvino" or precision == "bf16"):
+        return _load_openvino(path, backend, precision=precision, providers=providers, threads=threads,
+                              device=device)
     if suffix == ONNX_SUFFIX:
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(
-                f"{path.name} is an ONNX file: load it with backend='onnxruntime' (or build an engine "
-                "with python -m tl_deploy.export MODEL_DIR --trt for backend='tensorrt')."
+                f"{path.name} is an ONNX file: load it with backend='onnxruntime' or 'openvino' (or build an "
+                "engine with python -m tl_deploy.export MODEL_DIR --trt for backend='tensorrt')."
             )
         from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
@@ -232,3 +300,19 @@ def _load_file(path: Path, backend: str, *, providers: Sequence[str] | None,
 
         return load_engine(path, device=gpu_index(device, gpu_only=True))
     raise ArtifactError(f"Unknown model file type {path.name!r}: expected .onnx or .engine.")
+
+
+def _load_openvino(path: Path, backend: str, *, precision: str, providers: Sequence[str] | None,
+                   threads: int | None, device: str | None) -> Classifier:
+    """An ONNX file on OpenVINO's CPU plugin; options that only other backends have are refused."""
+    if backend not in ("auto", "openvino"):
+        raise TlDeployError(f"precision='bf16' is computed by OpenVINO only, not backend={backend!r}: pass "
+                            "backend='openvino' (or 'auto').")
+    if providers is not None:
+        raise TlDeployError("providers= are onnxruntime options; OpenVINO takes none: drop them.")
+    if device not in (None, "cpu"):
+        raise BackendUnavailableError(f"OpenVINO runs on the CPU here, not device={device!r}: pass device='cpu', "
+                                      "or use backend='onnxruntime' or 'tensorrt' for a GPU.")
+    from tl_deploy.runtime.openvino_backend import load_openvino
+
+    return load_openvino(path, precision="bf16" if precision == "bf16" else "auto", threads=threads)

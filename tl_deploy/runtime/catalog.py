@@ -10,6 +10,10 @@
 ``onnx-int8-qdq``   ``model.int8.onnx`` run as written (Q/DQ not fused): the integer arithmetic a
                     TensorRT INT8 engine performs, so its accuracy can be checked without a GPU
 ``trt-fp32`` ...    TensorRT engines ``model.<precision>.engine``
+``openvino-fp32``   ``model.onnx`` on OpenVINO's CPU plugin, strict FP32 (``INFERENCE_PRECISION_HINT`` f32)
+``openvino-bf16``   ``model.onnx`` on OpenVINO computed in bf16 (CPUs with native bf16 only)
+``openvino-fp16``   ``model.fp16.onnx`` on OpenVINO (FP16 weights, computed in FP32 on the CPU)
+``openvino-int8``   ``model.int8.onnx``, the QDQ file, on OpenVINO's INT8 kernels
 ==================  =========================================================================
 
 ``resolve_backends`` is pure: it says, for each asked-for name, which file runs it or why it
@@ -39,7 +43,14 @@ EXPORT_BACKENDS: dict[str, tuple[str, str]] = {
     "trt-fp32": ("fp32", "--trt"),
     "trt-fp16": ("fp16", "--trt --fp16"),
     "trt-int8": ("int8", "--trt --int8"),
+    "openvino-fp32": ("fp32", ""),
+    "openvino-bf16": ("bf16", ""),
+    "openvino-fp16": ("fp16", "--fp16"),
+    "openvino-int8": ("int8", "--int8"),
 }
+# OpenVINO reads the same ONNX files: its backend name -> the onnxruntime backend whose file it runs
+OPENVINO_FILES = {"openvino-fp32": "onnx-fp32", "openvino-bf16": "onnx-fp32", "openvino-fp16": "onnx-fp16",
+                  "openvino-int8": "onnx-int8-qdq"}
 TORCH_BACKENDS = ("torch", "torch-cudagraph")
 BACKEND_NAMES = (*TORCH_BACKENDS, *EXPORT_BACKENDS)
 
@@ -49,7 +60,7 @@ class BackendChoice:
     """One named backend: the file that runs it, or why it cannot run here."""
 
     name: str
-    precision: str  # fp32, fp16 or int8
+    precision: str  # fp32, fp16, int8, or bf16 (openvino-bf16 computing the FP32 file)
     file: str | None = None  # file in the export folder; None for the torch backends
     skip_reason: str = ""  # empty when it can run
 
@@ -104,7 +115,7 @@ def resolve_backends(names: Sequence[str], files: Sequence[Mapping[str, Any]], *
                                          else ""))
             continue
         precision, flags = EXPORT_BACKENDS[name]
-        found = by_name.get(name)
+        found = by_name.get(OPENVINO_FILES.get(name, name))
         if found is None:
             how = f"python -m tl_deploy.export {model_dir} {flags}".rstrip()
             if name.startswith("trt-"):
@@ -128,7 +139,7 @@ def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, de
     """Load a runnable backend through the same checks as ``runtime.load``: the artifact's manifest,
     or the export file's entry in export.json (a plain name in the folder, its sha256 when ``verify``).
 
-    ``device``: torch device; ``threads``/``spin``: onnxruntime options.
+    ``device``: torch device; ``threads``: onnxruntime's and OpenVINO's; ``spin``: onnxruntime's.
     """
     if not choice.runnable:
         raise TlDeployError(f"Backend {choice.name} cannot run here: {choice.skip_reason}.")
@@ -143,6 +154,10 @@ def open_backend(choice: BackendChoice, model_dir: Path, export_dir: Path, *, de
         from tl_deploy.runtime.tensorrt_backend import load_engine
 
         return load_engine(path, device=gpu_index(device))
+    if choice.name in OPENVINO_FILES:
+        from tl_deploy.runtime.openvino_backend import load_openvino
+
+        return load_openvino(path, precision="bf16" if choice.precision == "bf16" else "auto", threads=threads)
     from tl_deploy.runtime.onnxruntime_backend import load_onnx
 
     # The CPU-tuned INT8 file runs where it was tuned for; the others use onnxruntime's default providers.

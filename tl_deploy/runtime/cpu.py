@@ -1,0 +1,54 @@
+"""What this CPU offers the runtime, and the measured rule that lets ``auto`` pick OpenVINO.
+
+The rule (docs/speed.md, "OpenVINO"): on an x86-64 CPU with VNNI (the INT8 dot-product
+instructions), OpenVINO running the QDQ ``model.int8.onnx`` was 1.4x faster than onnxruntime's
+CPU-tuned INT8 file at batch 1 and 32 (bench/bench_openvino.py, ``tl-deploy bench``). Where that was
+not measured (no VNNI, ARM) ``auto`` keeps onnxruntime. Nothing here imports openvino: finding the
+package is enough to decide, so a plain ``load`` stays as cheap as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import platform
+from collections.abc import Collection
+from pathlib import Path
+
+X86 = ("x86_64", "amd64")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # /proc/cpuinfo names of AVX-512 VNNI and AVX-VNNI
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported (found, not imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def auto_problem(*, installed: bool, machine: str, flags: Collection[str]) -> str | None:
+    """Why ``auto`` does not pick OpenVINO INT8 on this machine, or None when it does (pure)."""
+    if not installed:
+        return "OpenVINO is not installed (pip install 'tl_deploy[openvino]')"
+    if machine.lower() not in X86:
+        return f"OpenVINO's INT8 speed-up was measured on x86-64 only, this CPU is {machine}"
+    if not any(flag in flags for flag in VNNI_FLAGS):
+        return "this CPU has no VNNI, where OpenVINO's INT8 speed-up was not measured"
+    return None
+
+
+def openvino_auto_problem() -> str | None:
+    """``auto_problem`` for this machine."""
+    return auto_problem(installed=openvino_installed(), machine=platform.machine(), flags=cpu_flags())
