@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw
 # depend on them: every test runs with the same count, whatever the machine's core count or environment.
 TEST_THREADS = 2
 os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+# Whether `auto` picks OpenVINO depends on the CPU (runtime/cpu.py): the suite pins the choices it had
+# without OpenVINO on every machine, subprocesses included; tests/test_openvino.py turns the rule on itself.
+os.environ["TL_DEPLOY_OPENVINO"] = "0"
 
 TINY_CLASSES = ["circle", "square", "bar"]
 TINY_MODEL = "test_efficientnet"  # timm's ~100k-parameter test architecture

@@ -112,7 +112,8 @@ def test_missing_openvino_is_one_line_with_the_install(export_dir: Path, monkeyp
         return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(builtins, "__import__", no_openvino)
-    with pytest.raises(BackendUnavailableError, match=r"OpenVINO is not installed: pip install 'tl_deploy\[openvino\]'"):
+    with pytest.raises(BackendUnavailableError,
+                       match=r"OpenVINO is not installed: pip install 'tl_deploy\[openvino\]'"):
         load(export_dir, backend="openvino")
     assert "pip install 'tl_deploy[openvino]'" in str(openvino_problem())
     clf = load(export_dir / "model.onnx", device="cpu")  # onnxruntime still runs

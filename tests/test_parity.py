@@ -173,12 +173,14 @@ def test_compare_logits_checks_each_tolerance() -> None:
 
 
 def test_tolerance_overrides() -> None:
-    assert parse_overrides(["1e-2"], "--atol", low=0) == {"fp32": 1e-2, "fp16": 1e-2, "int8": 1e-2}
+    assert parse_overrides(["1e-2"], "--atol", low=0) == {"fp32": 1e-2, "fp16": 1e-2, "int8": 1e-2, "bf16": 1e-2}
     assert parse_overrides(["int8=0.5", "fp16=0.1"], "--max-acc-drop", low=0) == {"int8": 0.5, "fp16": 0.1}
     tol = tolerances(max_acc_drop={"int8": 0.5})
     assert tol["int8"] == Tolerance(None, 0.5, 98.0) and tol["fp32"] == DEFAULT_TOLERANCES["fp32"]
+    assert tol["bf16"] == Tolerance(None, 0.3, 99.5)  # OpenVINO's bf16 compute: held like FP16
+    assert parse_overrides(["bf16=0.5"], "--max-acc-drop", low=0) == {"bf16": 0.5}
     with pytest.raises(TlDeployError, match="precision must be one of"):
-        parse_overrides(["bf16=1"], "--atol", low=0)
+        parse_overrides(["int4=1"], "--atol", low=0)
     with pytest.raises(TlDeployError, match="give a number"):
         parse_overrides(["int8=lots"], "--atol", low=0)
     with pytest.raises(TlDeployError, match=">= 0"):
