@@ -5,7 +5,10 @@
 
 Prints two tables: compile time (read + compile in a fresh ``ov.Core``, median of --compiles) and
 batch-1 latency (p50 over interleaved rounds) per file and format; then p50 latency of one call and the
-throughput of 8 threads sharing one compiled model, pool vs per-call requests. Figures in docs/speed.md.
+throughput of 8 threads sharing one compiled model, pool vs per-call requests. With ``--nncf DATA``
+(an ImageFolder root; needs ``pip install nncf``) also OpenVINO's own INT8 (NNCF post-training
+quantization of ``model.onnx`` on --calib train images, evenly spaced, like ``export --int8``) against
+the QDQ ``model.int8.onnx``: test accuracy and batch-1 latency. Figures in docs/speed.md.
 """
 
 from __future__ import annotations
@@ -120,18 +123,56 @@ def threaded_rate(fn: Callable[[], object], threads: int, seconds: float) -> flo
     return sum(counts) / seconds
 
 
+def nncf_vs_qdq(ov, export_dir: Path, data: Path, threads: int, calib: int, rounds: int) -> None:
+    import nncf
+
+    from tl_deploy.formats.metadata import OnnxMetadata
+    from tl_deploy.preprocess import prepare
+    from tl_deploy.runtime.openvino_backend import OpenVinoRunner
+
+    with OpenVinoRunner(export_dir / "model.onnx") as runner:
+        metadata = OnnxMetadata.from_props(runner.custom_metadata())
+    train = sorted((data / "train").rglob("*.*"))
+    step = max(1, len(train) // calib)
+    calib_batches = [prepare(path, metadata.spec)[None] for path in train[::step][:calib]]  # (1, 3, H, W) each
+    core = ov.Core()
+    start = time.perf_counter()
+    quantized = nncf.quantize(core.read_model(str(export_dir / "model.onnx")), nncf.Dataset(calib_batches),
+                              subset_size=len(calib_batches))
+    print(f"\nNNCF {nncf.__version__}: quantized on {len(calib_batches)} train images in "
+          f"{time.perf_counter() - start:.1f} s")
+    models = {"QDQ model.int8.onnx": core.read_model(str(export_dir / "model.int8.onnx")), "NNCF INT8": quantized}
+    requests = {name: core.compile_model(m, "CPU", compile_config(threads)).create_infer_request()
+                for name, m in models.items()}
+    test = [(path, metadata.class_names.index(path.parent.name)) for path in sorted((data / "test").rglob("*.*"))
+            if path.parent.name in metadata.class_names]
+    x = np.stack([prepare(path, metadata.spec) for path, _ in test])  # (N, 3, H, W)
+    labels = np.array([label for _, label in test])
+    one = np.ascontiguousarray(x[:1])
+    latency = interleaved_p50({name: lambda r=r: r.infer({0: one}) for name, r in requests.items()}, rounds, 20)
+    print(f"{'INT8 model':<22} {'test acc':>9} {'p50 ms b1':>10}")
+    for name, request in requests.items():
+        logits = np.concatenate([np.array(request.infer({0: x[i:i + 32]})[0]) for i in range(0, len(x), 32)])
+        print(f"{name:<22} {100 * np.mean(logits.argmax(1) == labels):>8.2f}% {latency[name]:>10.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("export_dir", type=Path)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compiles", type=int, default=5, help="compiles per file for the median compile time")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--nncf", type=Path, metavar="DATA",
+                   help="ImageFolder root: also time NNCF's INT8 (pip install nncf)")
+    p.add_argument("--calib", type=int, default=512, help="NNCF calibration images (export --int8 uses 512)")
     args = p.parse_args()
     import openvino as ov
 
     print(f"OpenVINO {ov.__version__}, {args.threads} thread(s), {args.export_dir}")
     ir_vs_onnx(ov, args.export_dir, args.threads, args.compiles, args.rounds)
     pool_vs_per_call(args.export_dir, args.threads, args.rounds)
+    if args.nncf is not None:
+        nncf_vs_qdq(ov, args.export_dir, args.nncf, args.threads, args.calib, args.rounds)
 
 
 if __name__ == "__main__":
