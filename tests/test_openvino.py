@@ -177,3 +177,15 @@ def test_refusals_of_options_openvino_does_not_have(export_dir: Path) -> None:
         load(export_dir / "model.onnx", backend="openvino", device="cuda")
     with pytest.raises(TlDeployError, match="computed by OpenVINO only, not backend='onnxruntime'"):
         load(export_dir / "model.onnx", backend="onnxruntime", precision="bf16")
+
+
+def test_the_app_lists_openvino_when_it_is_here(export_dir: Path) -> None:
+    from tl_deploy import model_card
+
+    engines = model_card.available_engines(export_dir, tensorrt_ok=False, torch_ok=False, openvino_ok=True)
+    assert [e.label for e in engines] == ["fastest available", "OpenVINO INT8", "OpenVINO FP32", "ONNX Runtime INT8",
+                                          "ONNX Runtime FP32"]
+    chosen = next(e for e in engines if e.label == "OpenVINO FP32")
+    clf = load(chosen.path, backend=chosen.backend, precision=chosen.precision)  # what the page loads
+    assert (clf.backend_name, clf.precision) == ("openvino", "fp32")
+    clf.close()

@@ -72,8 +72,8 @@ class Runner(abc.ABC):
     ``input_spec``; callers use ``activate``/``infer``/``deactivate`` or a ``with`` block.
     """
 
-    backend_name: str = "runner"  # "torch", "onnxruntime", "tensorrt"
-    precision: str = "fp32"  # "fp32", "fp16" or "int8"
+    backend_name: str = "runner"  # "torch", "onnxruntime", "openvino", "tensorrt"
+    precision: str = "fp32"  # "fp32", "fp16", "int8", or "bf16" (what OpenVINO computes an FP32 file in)
     input_layout: str = FLOAT_NCHW  # float32_nchw or uint8_nhwc
     thread_safe: bool = True  # may infer() be called concurrently?
     max_batch: int | None = None  # largest batch one call accepts (None: any)

@@ -5,8 +5,9 @@ artifact's own preprocessing (``tl_deploy.preprocess``), so every backend sees e
 input. numpy + Pillow only.
 
 Thread safety: ``Classifier.predict``/``infer`` may be called from several threads when
-``runner.thread_safe`` is true (onnxruntime: ``InferenceSession.run`` is thread-safe; torch: eval
-mode under ``inference_mode``, every forward pass on the runner's one inference thread). The
+``runner.thread_safe`` is true (onnxruntime: ``InferenceSession.run`` is thread-safe; OpenVINO: one
+infer request per concurrent call, from a pool; torch: eval mode under ``inference_mode``, every
+forward pass on the runner's one inference thread). The
 TensorRT runner owns one execution context and CUDA buffers, so it serialises calls with a lock
 (correct, not parallel): create one classifier per thread to run engines concurrently.
 """
