@@ -54,6 +54,17 @@ def test_runner_lifecycle_settings_then_compile_then_release(export_dir: Path) -
         OpenVinoRunner(export_dir / "model.onnx", threads=0)
 
 
+def test_one_image_runs_a_graph_compiled_for_batch_one(export_dir: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with OpenVinoRunner(export_dir / "model.onnx", threads=1) as runner:
+        batched = runner.infer(x)  # the dynamic graph
+        assert runner._single is None  # compiled only when a one-image call comes
+        singles = np.concatenate([runner.infer(x[i:i + 1]) for i in range(3)])
+        assert runner._single is not None and runner._single[0] is not runner.compiled
+        np.testing.assert_allclose(singles, batched, rtol=0, atol=1e-4)  # the same strict-f32 model
+    assert runner._single is None  # released with the rest
+
+
 def test_metadata_comes_from_the_onnx_file(export_dir: Path) -> None:
     with OpenVinoRunner(export_dir / "model.onnx") as runner:
         props = runner.custom_metadata()  # ONNX metadata_props, through OpenVINO's rt_info
