@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Protocol, Union
 
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, DataError
-from tl_deploy.formats.metadata import OnnxMetadata
+from tl_deploy.formats.metadata import OnnxMetadata, graph_problems
 from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
 from tl_deploy.preprocess import ImageInput, denormalize, prepare, prepare_uint8
 from tl_deploy.runtime.base import Runner
@@ -31,6 +31,24 @@ _logger = logging.getLogger(__name__)
 
 Images = Union[ImageInput, Sequence[ImageInput]]
 DEFAULT_CHUNK = 64  # images per runner call when the backend sets no limit
+
+
+class GraphRunner(Protocol):
+    """A runner of an ONNX graph that can show the file's ``metadata_props`` and its input/output signature."""
+
+    def custom_metadata(self) -> dict[str, str]: ...
+
+    def io_signature(self) -> tuple[list[tuple[str, str, list[Any]]], list[tuple[str, str, list[Any]]]]: ...
+
+
+def checked_metadata(runner: GraphRunner, path: Path) -> OnnxMetadata:
+    """The tl_deploy metadata of the ONNX file an active ``runner`` holds, refused unless it is there and
+    matches the graph (one image input, one logits output)."""
+    metadata = OnnxMetadata.from_props(runner.custom_metadata(), origin=str(path))
+    problems = graph_problems(metadata, *runner.io_signature())
+    if problems:
+        raise ArtifactError(f"{path} does not match its own metadata: {'; '.join(problems)}. Re-export it.")
+    return metadata
 
 
 class Prediction(NamedTuple):

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError
-from tl_deploy.formats.metadata import OnnxMetadata, graph_problems
 from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
 from tl_deploy.runtime.base import InputSpec, Runner
-from tl_deploy.runtime.classifier import Classifier
+from tl_deploy.runtime.classifier import Classifier, checked_metadata
 
 _logger = logging.getLogger(__name__)
 
@@ -209,10 +208,7 @@ def load_onnx(path: Path, *, providers: Sequence[str] | None = None, device_id: 
                                spin=spin)
     runner.activate()
     try:
-        metadata = OnnxMetadata.from_props(runner.custom_metadata(), origin=str(path))
-        problems = graph_problems(metadata, *runner.io_signature())
-        if problems:
-            raise ArtifactError(f"{path} does not match its own metadata: {'; '.join(problems)}. Re-export it.")
+        metadata = checked_metadata(runner, path)
     except BaseException:
         runner.deactivate()
         raise

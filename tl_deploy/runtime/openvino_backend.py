@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError
-from tl_deploy.formats.metadata import OnnxMetadata, graph_problems
 from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
 from tl_deploy.runtime.base import InputSpec, Runner
-from tl_deploy.runtime.classifier import Classifier
+from tl_deploy.runtime.classifier import Classifier, checked_metadata
 
 _logger = logging.getLogger(__name__)
 
@@ -238,10 +237,7 @@ def load_openvino(path: Path, *, precision: str = "auto", threads: int | None = 
                             force_bf16=force_bf16)
     runner.activate()
     try:
-        metadata = OnnxMetadata.from_props(runner.custom_metadata(), origin=str(path))
-        problems = graph_problems(metadata, *runner.io_signature())
-        if problems:
-            raise ArtifactError(f"{path} does not match its own metadata: {'; '.join(problems)}. Re-export it.")
+        metadata = checked_metadata(runner, path)
         if precision == "bf16" and metadata.precision != "fp32":
             raise BackendUnavailableError(f"bf16 computes an FP32 file, but {path.name} is {metadata.precision}: "
                                           "load model.onnx with precision='bf16'.")
