@@ -3,7 +3,7 @@
 The rule (docs/speed.md, "OpenVINO"): on an x86-64 CPU with VNNI (the INT8 dot-product
 instructions), OpenVINO running the QDQ ``model.int8.onnx`` was 1.36x-1.54x faster than onnxruntime's
 CPU-tuned INT8 file at batch 1 and 1.40x-1.67x at batch 32 (``tl-deploy bench``, two runs on an AMD
-EPYC, 2 threads; 1.56x-1.71x at batch 1 once one-image calls ran a graph compiled for batch 1), at
+EPYC, 2 threads; 1.90x-1.94x at batch 1 once one-image calls ran a graph compiled for batch 1), at
 the same parity (``tl-deploy parity``: 99.75% agreement). Where that was not measured (no VNNI,
 ARM) ``auto`` keeps onnxruntime. Nothing here imports openvino: finding the package is enough to
 decide, so a plain ``load`` stays as cheap as before. ``TL_DEPLOY_OPENVINO=0`` treats an installed

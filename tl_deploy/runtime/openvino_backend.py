@@ -115,6 +115,7 @@ class OpenVinoRunner(Runner):
         self._spec: InputSpec | None = None
         self._core: Any = None
         self._single: tuple[Any, queue.SimpleQueue[Any]] | None = None  # (compiled for batch 1, its requests)
+        self._static_dims: list[int] | None = None  # the input's non-batch dims when a batch-1 copy can be made
         self._single_lock = threading.Lock()
 
     def _activate_impl(self) -> None:
@@ -141,6 +142,7 @@ class OpenVinoRunner(Runner):
         self._idle = queue.SimpleQueue()
         self._idle.put(self.compiled.create_infer_request())
         inputs = self.model.inputs
+        self._static_dims = _static_dims(inputs)
         self._spec = _input_spec(inputs[0]) if len(inputs) == 1 else None
         self.input_layout = UINT8_NHWC if inputs and inputs[0].get_element_type().get_type_name() == "u8" \
             else FLOAT_NCHW
@@ -170,14 +172,13 @@ class OpenVinoRunner(Runner):
     def _single_image(self) -> tuple[Any, queue.SimpleQueue[Any]] | None:
         """The graph compiled for ``STATIC_BATCH`` images (on first use), or None when the graph's
         batch dimension is not dynamic or its other dimensions are not all known."""
-        shape = self.model.inputs[0].get_partial_shape() if len(self.model.inputs) == 1 else None
-        if shape is None or shape.rank.is_dynamic or not shape[0].is_dynamic or \
-                not all(d.is_static for d in list(shape)[1:]):
-            return None
+        single = self._single  # read without the lock: set once, under it
+        if single is not None or self._static_dims is None:
+            return single
         with self._single_lock:
             if self._single is None:
                 model = self.model.clone()
-                model.reshape([STATIC_BATCH, *(d.get_length() for d in list(shape)[1:])])
+                model.reshape([STATIC_BATCH, *self._static_dims])
                 compiled = self._core.compile_model(model, "CPU", self.compile_config())
                 self._single = (compiled, queue.SimpleQueue())
             return self._single
@@ -193,7 +194,8 @@ class OpenVinoRunner(Runner):
         except queue.Empty:  # every request is busy in another thread (or none made yet)
             request = compiled.create_infer_request()
         try:
-            request.infer({0: batch})
+            # share_inputs: no copy of the batch (the call is synchronous and the batch is not changed)
+            request.infer({0: batch}, share_inputs=True)
             out = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
         finally:
             idle.put(request)
@@ -202,9 +204,19 @@ class OpenVinoRunner(Runner):
     def _deactivate_impl(self) -> None:
         self._idle = queue.SimpleQueue()
         self._single = None
+        self._static_dims = None
         self.compiled = None
         self.model = None
         self._core = None
+
+
+def _static_dims(inputs: Any) -> list[int] | None:
+    """The non-batch dimensions of the one input when its batch is dynamic and they are all known."""
+    shape = inputs[0].get_partial_shape() if len(inputs) == 1 else None
+    if shape is None or shape.rank.is_dynamic or not shape[0].is_dynamic:
+        return None
+    rest = list(shape)[1:]
+    return [d.get_length() for d in rest] if all(d.is_static for d in rest) else None
 
 
 def _signature(port: Any) -> tuple[str, str, list[Any]]:
