@@ -144,16 +144,19 @@ def given(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(getattr(args, "_given", frozenset()))
 
 
-def refuse_unused(args: argparse.Namespace, dests: Sequence[str], why: str) -> None:
+def refuse_unused(args: argparse.Namespace, dests: Sequence[str], why: str, *,
+                  flag_of: Callable[[str], str] | None = None) -> None:
     """Refuse options that the chosen combination ignores: a user's option never silently does nothing.
 
     ``why`` finishes the sentence "... does nothing ...", e.g. "with --strategy linear (the backbone
-    stays frozen): drop it or choose --strategy finetune, lp-ft or partial".
+    stays frozen): drop it or choose --strategy finetune, lp-ft or partial". Each option is named as
+    the user typed it, or by ``flag_of(dest)`` when given (a verb whose help names it otherwise).
     """
     named = [d for d in dests if d in given(args)]
     if named:
         spelled = getattr(args, "_given_flags", {})
-        flags = ", ".join(spelled.get(d, "--" + d.replace("_", "-")) for d in named)
+        name = flag_of or (lambda d: spelled.get(d, "--" + d.replace("_", "-")))
+        flags = ", ".join(name(d) for d in named)
         raise UsageError(f"{flags} {'does' if len(named) == 1 else 'do'} nothing {why}.")
 
 

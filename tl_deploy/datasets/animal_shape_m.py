@@ -24,8 +24,9 @@ from tl_deploy.datasets.animal_shape import (
     animal_shape_source,
     load_animal_shape_arrays,
     obtain_wheel,
+    tree_is_current,
 )
-from tl_deploy.datasets.imagefolder import check_fractions, tree_key, up_to_date, write_image_folder
+from tl_deploy.datasets.imagefolder import write_image_folder
 from tl_deploy.errors import DataError
 
 # Colour photographs bundled with scikit-image (not fetched on demand); drawings and logos left out.
@@ -97,10 +98,8 @@ def prepare_animal_shape_m(
 ) -> Path:
     """Write Animal-Shape-M at ``out`` with Animal-Shape's split (``seed`` and fractions as for animal-shape)."""
     out = Path(out)
-    check_fractions(val_fraction, test_fraction)
     source = {**animal_shape_source(), "photos": list(PHOTOS), "blend_seed": BLEND_SEED, "blend": "abs-diff"}
-    quick_key = tree_key({"source": source}, seed, val_fraction, test_fraction, ANIMAL_SHAPE_CLASSES)
-    if up_to_date(out, quick_key, force=force, force_hint="--force"):
+    if tree_is_current(out, source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, force=force):
         return out
     photos = load_photos()  # before the wheel, so a missing scikit-image fails fast
     images, labels = load_animal_shape_arrays(obtain_wheel(wheel, cache_dir))  # (N, 28, 28), (N,)

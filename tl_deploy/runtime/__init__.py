@@ -172,11 +172,14 @@ def export_choices(folder: Path, *, tensorrt_ok: bool, openvino_ok: bool = False
     choices = []
     for backend, kind in kinds:
         for precision in FASTEST_FIRST:
-            found = [f for f in files if f.get("kind") == kind and f.get("precision") == precision]
-            if backend == "openvino" and precision == "int8":
-                found = [f for f in found if f.get("target") != "cpu"]
-            if found:
-                choices.append((backend, precision))
+            if backend == "openvino":
+                try:  # OpenVINO's own file rule (its INT8 is the QDQ file)
+                    choose_openvino_file(files, precision=precision)
+                except ArtifactError:
+                    continue
+            elif not any(f.get("kind") == kind and f.get("precision") == precision for f in files):
+                continue
+            choices.append((backend, precision))
     return choices
 
 

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from tl_deploy import cli
-from tl_deploy.errors import TlDeployError, UsageError
+from tl_deploy.errors import TlDeployError
 from tl_deploy.train.config import GROUPS, TrainConfig
 
 DESCRIPTION = ("Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
@@ -75,10 +75,8 @@ def flag_of(dest: str) -> str:
 
 
 def refuse(args: argparse.Namespace, dests: tuple[str, ...], why: str) -> None:
-    """``cli.refuse_unused``, naming each option by the flag the user knows."""
-    named = [flag_of(d) for d in dests if d in cli.given(args)]
-    if named:
-        raise UsageError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} nothing {why}.")
+    """``cli.refuse_unused``, naming each option by the flag ``--help`` shows for it."""
+    cli.refuse_unused(args, dests, why, flag_of=flag_of)
 
 
 def refuse_unused_options(args: argparse.Namespace) -> None:

@@ -132,13 +132,18 @@ def restore_optimization(run: Run, optimizer: torch.optim.Optimizer,
     return best
 
 
+def score_cached_val(run: Run, suffix: nn.Module, activations: torch.Tensor, amp: torch.dtype | None,
+                     desc: str) -> ClassificationResult:
+    """Val metrics of the layers after the cut, run on the val images' cached frozen-stage outputs."""
+    loader = make_loader(run.splits.val, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=False,
+                         activations=activations)
+    return summarize(*predict_logits(suffix, loader, run.device, amp, desc=desc), run.num_classes)
+
+
 def validate(run: Run, network: nn.Module, cache: StageCache) -> ClassificationResult:
     """This epoch's val metrics: on the cached frozen-stage outputs when there are some."""
     if cache.suffix is not None:
-        loader = make_loader(run.splits.val, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=False,
-                             activations=cache.activations["val"])
-        return summarize(*predict_logits(cache.suffix, loader, run.device, run.amp.dtype, desc="val"),
-                         run.num_classes)
+        return score_cached_val(run, cache.suffix, cache.activations["val"], run.amp.dtype, "val")
     return evaluate(network, run.splits.val, run.spec, batch_size=run.cfg.batch_size, device=run.device,
                     amp=run.amp.dtype, workers=run.workers, num_classes=run.num_classes, desc="val", dist=run.dist)
 

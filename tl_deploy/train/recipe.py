@@ -41,9 +41,9 @@ from tl_deploy.train.checkpoint import Checkpointer, fingerprint, restore_checkp
 from tl_deploy.train.config import TrainConfig
 from tl_deploy.train.distributed import DistContext
 from tl_deploy.train.feature_cache import cached_features
-from tl_deploy.train.finetuning import finetune
-from tl_deploy.train.loaders import default_workers, inverse_frequency, make_loader
-from tl_deploy.train.loop import evaluate, predict_logits, summarize
+from tl_deploy.train.finetuning import finetune, score_cached_val
+from tl_deploy.train.loaders import default_workers, inverse_frequency
+from tl_deploy.train.loop import evaluate
 from tl_deploy.train.probe import train_probe
 from tl_deploy.train.run import Run
 from tl_deploy.train.setup import (
@@ -233,9 +233,7 @@ def final_evaluation(run: Run, network: nn.Module, cache: StageCache) -> Results
     if split == "val":
         val = result
     elif cache.suffix is not None and val_acts is not None:  # the frozen stages' val outputs are still in memory
-        loader = make_loader(run.splits.val, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=False,
-                             activations=val_acts)
-        val = summarize(*predict_logits(cache.suffix, loader, run.device, None, desc="val eval"), run.num_classes)
+        val = score_cached_val(run, cache.suffix, val_acts, None, "val eval")
     else:
         val = score(run.splits.val, "val eval")
     del val_acts
