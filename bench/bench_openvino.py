@@ -4,8 +4,9 @@
     PYTHONPATH=$PWD python bench/bench_openvino.py export/animal-shape-efficientnet_lite0-lp-ft --threads 2
 
 Prints two tables: compile time (read + compile in a fresh ``ov.Core``, median of --compiles) and
-batch-1 latency (p50 over interleaved rounds) per file and format; then p50 latency of one call and the
-throughput of 8 threads sharing one compiled model, pool vs per-call requests. With ``--nncf DATA``
+batch-1 latency (p50 over interleaved rounds) per file and format; one image per call on the INT8 file
+with the batch dimension dynamic vs a batch-1 graph, bare request vs ``runner.infer``; then p50 latency
+of one call and the throughput of 8 threads sharing one compiled model, pool vs per-call requests. With ``--nncf DATA``
 (an ImageFolder root; needs ``pip install nncf``) also OpenVINO's own INT8 (NNCF post-training
 quantization of ``model.onnx`` on --calib train images, evenly spaced, like ``export --int8``) against
 the QDQ ``model.int8.onnx``: test accuracy and batch-1 latency. Figures in docs/speed.md.
@@ -92,8 +93,11 @@ def pool_vs_per_call(export_dir: Path, threads: int, rounds: int) -> None:
     size = spec.shape[2] if spec and spec.shape[2] else 224
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
 
+    graph = runner._single_image()  # what runner.infer uses for one image: the batch-1 graph
+    compiled = graph[0] if graph is not None else runner.compiled
+
     def per_call() -> object:
-        request = runner.compiled.create_infer_request()
+        request = compiled.create_infer_request()
         request.infer({0: x})
         return np.array(request.get_output_tensor(0).data)
 
@@ -102,6 +106,32 @@ def pool_vs_per_call(export_dir: Path, threads: int, rounds: int) -> None:
     print(f"\n{'requests':<24} {'p50 ms b1':>10} {'8 threads img/s':>16}")
     for name, fn in fns.items():
         print(f"{name:<24} {latency[name]:>10.3f} {threaded_rate(fn, 8, 2.0):>16.1f}")
+    runner.deactivate()
+
+
+def batch1_graph(export_dir: Path, threads: int, rounds: int) -> None:
+    """One image per call on ``model.int8.onnx``: the graph with its batch left dynamic vs a copy reshaped
+    to batch 1 (what the runner compiles for one-image calls), and the runner's own cost per call
+    (``runner.infer``) vs a bare infer request on that same batch-1 graph."""
+    from tl_deploy.runtime.openvino_backend import OpenVinoRunner
+
+    # Both graphs from the runner's own Core: two Cores' thread pools would slow each other down.
+    runner = OpenVinoRunner(export_dir / "model.int8.onnx", threads=threads)
+    runner.activate()
+    spec = runner.input_spec()
+    size = spec.shape[2] if spec and spec.shape[2] else 224
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    runner.infer(x)  # compiles the batch-1 graph
+    graph = runner._single_image()
+    static = graph[0] if graph is not None else runner.compiled
+    dynamic_request, static_request = runner.compiled.create_infer_request(), static.create_infer_request()
+    fns = {"dynamic batch, bare request": lambda: dynamic_request.infer({0: x}),
+           "batch-1 graph, bare request": lambda: static_request.infer({0: x}),
+           "batch-1 graph, runner.infer": lambda: runner.infer(x)}
+    latency = interleaved_p50(fns, rounds, 20)
+    print(f"\n{'one image per call':<30} {'p50 ms':>8}")
+    for name in fns:
+        print(f"{name:<30} {latency[name]:>8.3f}")
     runner.deactivate()
 
 
@@ -170,6 +200,7 @@ def main() -> None:
 
     print(f"OpenVINO {ov.__version__}, {args.threads} thread(s), {args.export_dir}")
     ir_vs_onnx(ov, args.export_dir, args.threads, args.compiles, args.rounds)
+    batch1_graph(args.export_dir, args.threads, args.rounds)
     pool_vs_per_call(args.export_dir, args.threads, args.rounds)
     if args.nncf is not None:
         nncf_vs_qdq(ov, args.export_dir, args.nncf, args.threads, args.calib, args.rounds)

@@ -30,8 +30,9 @@ INSTALL = "pip install 'tl_deploy[openvino]'"
 COMPUTE = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values a runner may ask for
 PERFORMANCE_HINT = "LATENCY"  # one stream: one request uses every thread (bench/bench_openvino.py)
 # A one-image call runs a copy of the graph compiled for batch 1: a static shape let the CPU plugin pick
-# faster kernels (model.int8.onnx, 2 threads, AMD EPYC: p50 1.27-1.39 ms vs 1.51-1.54 ms with the batch
-# dimension left dynamic; docs/speed.md). Other batch sizes share the dynamic graph, compiled once.
+# faster kernels (model.int8.onnx, 2 threads, AMD EPYC, bench/bench_openvino.py: p50 0.97 / 1.85 ms vs
+# 1.07 / 2.05 ms with the batch dimension left dynamic; docs/speed.md). Other batch sizes share the
+# dynamic graph, compiled once.
 STATIC_BATCH = 1
 # OpenVINO element type names -> (onnxruntime-style type string for graph_problems, numpy dtype)
 OV_TYPES = {"f32": ("tensor(float)", np.float32), "f16": ("tensor(float16)", np.float16),
