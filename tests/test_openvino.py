@@ -75,7 +75,7 @@ def test_metadata_comes_from_the_onnx_file(export_dir: Path) -> None:
 
 
 def test_fp32_matches_torch(export_dir: Path, torch_clf, test_images: list[Path]) -> None:
-    clf = load(export_dir, backend="openvino", precision="fp32")
+    clf = load(export_dir, backend="openvino", precision="fp32", threads=2)
     assert (clf.backend_name, clf.precision, clf.source.name) == ("openvino", "fp32", "model.onnx")
     x = torch_clf.preprocess(test_images)
     assert np.abs(clf.infer(x) - torch_clf.infer(x)).max() <= 1e-4  # strict f32: not bf16
@@ -84,7 +84,7 @@ def test_fp32_matches_torch(export_dir: Path, torch_clf, test_images: list[Path]
 
 
 def test_int8_runs_the_qdq_file(export_dir: Path, torch_clf, test_images: list[Path]) -> None:
-    clf = load(export_dir, backend="openvino")  # its fastest: the QDQ file, not the onnxruntime-tuned one
+    clf = load(export_dir, backend="openvino", threads=2)  # its fastest: the QDQ file, not the onnxruntime-tuned one
     assert (clf.precision, clf.source.name) == ("int8", "model.int8.onnx")
     same = [a == b for a, b in zip(clf.predict(test_images).labels, torch_clf.predict(test_images).labels)]
     assert np.mean(same) >= 0.8
