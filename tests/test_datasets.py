@@ -327,7 +327,8 @@ def test_prepare_skips_wheel_when_up_to_date(
 def test_cli_unknown_dataset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mnist"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: Unknown dataset 'mnist'. Only animal-shape, animal-shape-m are supported."
+    assert err == ("error: Unknown dataset 'mnist'. "
+                   "Only animal-shape, animal-shape-m, animal-shape-sketch are supported.")
 
 
 def test_cli_bad_fraction_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -371,10 +372,10 @@ def test_real_wheel(tmp_path: Path) -> None:
 
 
 def test_modules_import_downwards_only() -> None:
-    """registry -> animal_shape_m -> animal_shape -> imagefolder: no module imports one above it."""
+    """registry -> animal_shape_m, animal_shape_sketch -> animal_shape -> imagefolder: none imports one above it."""
     import ast
 
-    order = ["imagefolder", "animal_shape", "animal_shape_m", "registry", "cli"]
+    order = ["imagefolder", "animal_shape", "animal_shape_m", "animal_shape_sketch", "registry", "cli"]
     package = Path(animal_shape.__file__).parent
     for rank, name in enumerate(order):
         tree = ast.parse((package / f"{name}.py").read_text())

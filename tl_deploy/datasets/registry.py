@@ -11,8 +11,10 @@ from pathlib import Path
 
 from tl_deploy.datasets.animal_shape import prepare_animal_shape
 from tl_deploy.datasets.animal_shape_m import prepare_animal_shape_m
+from tl_deploy.datasets.animal_shape_sketch import prepare_animal_shape_sketch
 
 DATASETS: dict[str, Callable[..., Path]] = {
     "animal-shape": prepare_animal_shape,  # the default data: 10 classes of 28x28 silhouettes
     "animal-shape-m": prepare_animal_shape_m,  # domain-adaptation target: the same split, blended with photos
+    "animal-shape-sketch": prepare_animal_shape_sketch,  # second target: the same split, pencil outlines
 }
