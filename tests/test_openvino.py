@@ -13,7 +13,7 @@ import pytest
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployError
 from tl_deploy.runtime import choose_openvino_file, export_choices, load
 from tl_deploy.runtime.catalog import resolve_backends
-from tl_deploy.runtime.cpu import auto_problem
+from tl_deploy.runtime.cpu import auto_choice
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tl_deploy[openvino]')")
 
@@ -167,18 +167,29 @@ def test_catalog_names_and_files(export_dir: Path) -> None:
 
 
 def test_auto_rule(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert auto_problem(installed=True, machine="x86_64", flags={"avx512_vnni"}) is None
-    assert auto_problem(installed=True, machine="AMD64", flags={"avx_vnni"}) is None
-    assert "no VNNI" in str(auto_problem(installed=True, machine="x86_64", flags={"avx2"}))
-    assert "aarch64" in str(auto_problem(installed=True, machine="aarch64", flags=set()))
-    assert "not installed" in str(auto_problem(installed=False, machine="x86_64", flags={"avx512_vnni"}))
-    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_problem", lambda: None)
+    assert auto_choice(installed=True, machine="x86_64", flags={"avx512_vnni"})[0] == "int8"
+    assert auto_choice(installed=True, machine="AMD64", flags={"avx_vnni"})[0] == "int8"
+    assert auto_choice(installed=True, machine="x86_64", flags={"avx512_vnni", "avx512_bf16"})[0] == "int8"
+    assert auto_choice(installed=True, machine="x86_64", flags={"avx512_vnni", "amx_bf16"})[0] == "bf16"
+    precision, why = auto_choice(installed=True, machine="x86_64", flags={"avx2"})
+    assert precision is None and "no VNNI" in why
+    assert "aarch64" in auto_choice(installed=True, machine="aarch64", flags={"amx_bf16"})[1]
+    assert "not installed" in auto_choice(installed=False, machine="x86_64", flags={"avx512_vnni"})[1]
+    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_choice", lambda: ("int8", "VNNI"))
     clf = load(export_dir, device="cpu")
     assert (clf.backend_name, clf.precision, clf.source.name) == ("openvino", "int8", "model.int8.onnx")
     clf.close()
-    fp32 = load(export_dir, precision="fp32", device="cpu")  # the rule is INT8's: fp32 stays onnxruntime
+    fp32 = load(export_dir, precision="fp32", device="cpu")  # the rule is auto's: a named fp32 stays onnxruntime
     assert fp32.backend_name == "onnxruntime"
     fp32.close()
+
+
+def test_auto_rule_on_an_amx_cpu_runs_the_fp32_file_in_bf16(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_choice", lambda: ("bf16", "AMX"))
+    monkeypatch.setattr("tl_deploy.runtime.openvino_backend.bf16_problem", lambda capabilities: None)
+    clf = load(export_dir, device="cpu")
+    assert (clf.backend_name, clf.precision, clf.source.name) == ("openvino", "bf16", "model.onnx")
+    clf.close()
 
 
 def test_refusals_of_options_openvino_does_not_have(export_dir: Path) -> None:
@@ -190,9 +201,10 @@ def test_refusals_of_options_openvino_does_not_have(export_dir: Path) -> None:
         load(export_dir / "model.onnx", backend="onnxruntime", precision="bf16")
 
 
-def test_the_app_lists_openvino_when_it_is_here(export_dir: Path) -> None:
+def test_the_app_lists_openvino_when_it_is_here(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tl_deploy import model_card
 
+    monkeypatch.setattr("tl_deploy.runtime.cpu.native_bf16", lambda: False)
     engines = model_card.available_engines(export_dir, tensorrt_ok=False, torch_ok=False, openvino_ok=True)
     assert [e.label for e in engines] == ["fastest available", "OpenVINO INT8", "OpenVINO FP32", "ONNX Runtime INT8",
                                           "ONNX Runtime FP32"]
@@ -200,3 +212,6 @@ def test_the_app_lists_openvino_when_it_is_here(export_dir: Path) -> None:
     clf = load(chosen.path, backend=chosen.backend, precision=chosen.precision)  # what the page loads
     assert (clf.backend_name, clf.precision) == ("openvino", "fp32")
     clf.close()
+    monkeypatch.setattr("tl_deploy.runtime.cpu.native_bf16", lambda: True)  # a CPU with native bf16
+    engines = model_card.available_engines(export_dir, tensorrt_ok=False, torch_ok=False, openvino_ok=True)
+    assert [e.label for e in engines][1:3] == ["OpenVINO INT8", "OpenVINO BF16"]

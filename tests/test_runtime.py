@@ -50,7 +50,7 @@ def test_predict_accepts_paths_pil_arrays_and_bytes(torch_clf, test_images: list
 
 
 def test_export_folder_auto_falls_back_to_onnxruntime(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_problem", lambda: "OpenVINO is not installed")
+    monkeypatch.setattr("tl_deploy.runtime.openvino_auto_choice", lambda: (None, "OpenVINO is not installed"))
     clf = load(export_dir, device="cpu")  # no engine, no GPU, no OpenVINO: onnxruntime's CPU provider
     assert clf.backend_name == "onnxruntime" and clf.device == "cpu"
     assert clf.precision == "int8" and clf.source.name == "model.int8.cpu.onnx"  # fastest on CPU

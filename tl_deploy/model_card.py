@@ -204,15 +204,17 @@ def source_artifact(model: Path) -> Path | None:
 
 def available_engines(model: Path, *, tensorrt_ok: bool, torch_ok: bool, openvino_ok: bool = False) -> list[Engine]:
     """Every backend/precision the model can run on here, fastest choice (``auto``) first
-    (``openvino_ok``: list OpenVINO's precisions too)."""
+    (``openvino_ok``: list OpenVINO's precisions too, bf16 where the CPU computes it natively)."""
     if model.is_file():
         return [Engine(f"{model.suffix[1:]} file", model, "auto")]
     if (model / ARTIFACT_CONFIG).is_file():
         return [Engine("PyTorch", model, "torch")]
     from tl_deploy.runtime import export_choices
+    from tl_deploy.runtime.cpu import native_bf16
 
     engines = [Engine("fastest available", model, "auto")]
-    for backend, precision in export_choices(model, tensorrt_ok=tensorrt_ok, openvino_ok=openvino_ok):
+    for backend, precision in export_choices(model, tensorrt_ok=tensorrt_ok, openvino_ok=openvino_ok,
+                                             bf16_ok=openvino_ok and native_bf16()):
         engines.append(Engine(f"{BACKEND_LABELS[backend]} {precision.upper()}", model, backend, precision))
     artifact = source_artifact(model)
     if torch_ok and artifact is not None:

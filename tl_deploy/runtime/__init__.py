@@ -45,7 +45,7 @@ from tl_deploy.formats.names import (
 )
 from tl_deploy.runtime.base import Runner
 from tl_deploy.runtime.classifier import Classifier, Prediction, softmax
-from tl_deploy.runtime.cpu import openvino_auto_problem
+from tl_deploy.runtime.cpu import openvino_auto_choice
 from tl_deploy.runtime.gpu import gpu_index, ort_gpu_available, tensorrt_available
 
 __all__ = ["BACKENDS", "Classifier", "Prediction", "Runner", "choose_export_file", "choose_openvino_file",
@@ -162,18 +162,21 @@ def choose_openvino_file(files: Sequence[Mapping[str, Any]], *, precision: str) 
                         f"{' or '.join(OPENVINO_ORDER[precision])} files): export it, or choose another precision.")
 
 
-def export_choices(folder: Path, *, tensorrt_ok: bool, openvino_ok: bool = False) -> list[tuple[str, str]]:
+def export_choices(folder: Path, *, tensorrt_ok: bool, openvino_ok: bool = False,
+                   bf16_ok: bool = False) -> list[tuple[str, str]]:
     """The (backend, precision) pairs ``load(folder, backend, precision=...)`` can run here: TensorRT
-    engines first when ``tensorrt_ok``, then OpenVINO when ``openvino_ok`` (installed; its INT8 is the
-    faster CPU backend where measured), then onnxruntime files; INT8 > FP16 > FP32 within each."""
+    engines first when ``tensorrt_ok``, then OpenVINO when ``openvino_ok`` (installed; faster than
+    onnxruntime where measured), then onnxruntime files; INT8 > FP16 > FP32 within each, and OpenVINO's
+    bf16 (the FP32 file computed in bf16) after its INT8 when ``bf16_ok`` (a CPU with native bf16)."""
     files = usable_files(read_export_manifest(folder)["files"])
     kinds = ([("tensorrt", "engine")] if tensorrt_ok else []) + ([("openvino", "onnx")] if openvino_ok else []) \
         + [("onnxruntime", "onnx")]
     choices = []
     for backend, kind in kinds:
-        for precision in FASTEST_FIRST:
+        order = ("int8", "bf16", "fp16", "fp32") if backend == "openvino" and bf16_ok else FASTEST_FIRST
+        for precision in order:
             if backend == "openvino":
-                try:  # OpenVINO's own file rule (its INT8 is the QDQ file)
+                try:  # OpenVINO's own file rule (its INT8 is the QDQ file, bf16 computes the FP32 file)
                     choose_openvino_file(files, precision=precision)
                 except ArtifactError:
                     continue
@@ -192,9 +195,9 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     | fp32 | fp16 | int8 | bf16 (OpenVINO computing the FP32 file; also for an ``.onnx`` path).
     ``providers``: onnxruntime's; ``threads``: onnxruntime's and OpenVINO's. ``device``: ``cpu``,
     ``cuda`` or ``cuda:N``, for torch, onnxruntime and TensorRT engines (``cpu``: onnxruntime's CPU
-    provider only; None: a GPU when one is usable). ``auto`` on the CPU picks OpenVINO INT8 where it is
-    installed on an x86 CPU with VNNI (measured faster, docs/speed.md), else onnxruntime; the choice
-    and the reason are logged.
+    provider only; None: a GPU when one is usable). ``auto`` on the CPU picks OpenVINO where it is
+    installed on an x86 CPU with AMX (bf16) or VNNI (INT8), both measured faster (``runtime.cpu``,
+    docs/speed.md), else onnxruntime; the choice and the reason are logged.
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
     """
@@ -254,25 +257,25 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
     runtime = "openvino" if backend == "openvino" or precision == "bf16" else "auto"
     if backend == precision == "auto" and entry.get("kind") == "onnx" and not ort_gpu and providers is None \
             and device in (None, "cpu"):
-        entry, reason, runtime = _auto_cpu_choice(files, entry, reason)
+        entry, reason, runtime, precision = _auto_cpu_choice(files, entry, reason)
     _logger.info("export folder %s: picked %s (%s)", folder, entry["file"], reason)
     chosen = export_file(folder, str(entry["file"]), manifest, verify=verify)
     return _load_file(chosen, runtime, precision=precision, providers=providers, threads=threads, device=device)
 
 
 def _auto_cpu_choice(files: Sequence[Mapping[str, Any]], entry: Mapping[str, Any],
-                     reason: str) -> tuple[Mapping[str, Any], str, str]:
-    """``auto`` on the CPU: OpenVINO INT8 where the measured rule holds (``runtime.cpu``), else
-    onnxruntime's pick; (file entry, why, backend for ``_load_file``)."""
-    problem = openvino_auto_problem()
-    if problem is None:
+                     reason: str) -> tuple[Mapping[str, Any], str, str, str]:
+    """``auto`` on the CPU: OpenVINO bf16 or INT8 where the measured rule holds (``runtime.cpu``), else
+    onnxruntime's pick; (file entry, why, backend and precision for ``_load_file``)."""
+    precision, why = openvino_auto_choice()
+    if precision is not None:
         try:
-            qdq = choose_openvino_file(files, precision="int8")
+            chosen = choose_openvino_file(files, precision=precision)
         except ArtifactError:
-            problem = "the folder has no QDQ INT8 file"
+            why = f"the folder has no file for OpenVINO {precision}"
         else:
-            return qdq, "OpenVINO INT8: installed on an x86 CPU with VNNI, where it beat onnxruntime INT8", "openvino"
-    return entry, f"{reason}; not OpenVINO: {problem}", "auto"
+            return chosen, why, "openvino", precision
+    return entry, f"{reason}; not OpenVINO: {why}", "auto", "auto"
 
 
 def _load_file(path: Path, backend: str, *, precision: str = "auto", providers: Sequence[str] | None,
