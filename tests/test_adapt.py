@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_deploy.adapt import AdaptConfig, CollapseError, adapt_artifact, default_out, main
+from tl_deploy.adapt import AdaptConfig, CollapseError, adapt_artifact, default_out, label_free_doubt, main
 from tl_deploy.artifact import load_artifact
 from tl_deploy.fileio import read_json, sha256_file
+from tl_deploy.train.target_stats import target_stats
 
 # Small and deterministic: every tiny-data train image, 2 epochs of 4 steps.
 FAST = dict(limit=None, epochs=2, batch_size=16, seed=0)
@@ -82,6 +83,7 @@ def test_lineage_and_target_test_are_recorded(tiny_artifact: Path, tiny_data: Pa
     for key in ("before", "after"):
         assert set(lineage["target_stats"][key]) >= {"mean_entropy", "effective_classes", "class_fractions"}
     assert lineage["target_stats"]["after"]["agreement"] is not None
+    assert "doubt" in lineage and lineage["collapse"] is None
     assert lineage["target_test"]["images"] == 24
     assert 0.0 <= lineage["target_test"]["acc_after"] <= 1.0
     # the rest of the config is that of any artifact: every consumer reads it
@@ -126,6 +128,15 @@ def test_collapse_is_refused_and_nothing_written(tiny_artifact: Path, tiny_data:
                  "--force"]) == 0
     lineage = read_json(out / "config.json")["adaptation"]
     assert lineage["written_despite_collapse"] and "collapsed" in lineage["collapse"]
+
+
+def test_label_free_doubt_flags_less_confident_or_fewer_classes() -> None:
+    sure = target_stats(torch.eye(3).repeat(4, 1) * 10)  # confident, balanced
+    unsure = target_stats(torch.eye(3).repeat(4, 1) * 0.5)
+    narrow = target_stats(torch.tensor([[10.0, 0, 0]] * 11 + [[0, 10.0, 0]]))
+    assert label_free_doubt(sure, unsure) is None
+    assert "entropy rose" in (label_free_doubt(unsure, sure) or "")
+    assert "effective classes fell" in (label_free_doubt(narrow, sure) or "")
 
 
 def test_default_out_is_next_to_the_source() -> None:
