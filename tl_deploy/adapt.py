@@ -27,7 +27,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -270,8 +270,13 @@ def shot(model: nn.Module, images: torch.Tensor, cfg: AdaptConfig, device: torch
     _fit(model, images, cfg, device, optimizer, loss_fn, before, new_epoch)
 
 
+# (B, C) logits of a batch and the (B,) indices of its images -> the scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _fit(model: nn.Module, images: torch.Tensor, cfg: AdaptConfig, device: torch.device,
-         optimizer: torch.optim.Optimizer, loss_fn: Any, before: TargetStats, new_epoch: Any) -> None:
+         optimizer: torch.optim.Optimizer, loss_fn: LossFn, before: TargetStats,
+         new_epoch: Callable[[], None]) -> None:
     """The epoch loop shared by tent and shot: BatchNorm statistics fixed, one step per batch, and the
     collapse tripwire after every epoch."""
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -414,12 +419,15 @@ def adapt_artifact(model_dir: Path, target: Path, cfg: AdaptConfig, out: Path | 
     test: dict[str, Any] | None = None
     acc_before = acc_after = None
     if test_samples:
-        test_images = decode(test_samples, artifact.spec, "target test")
-        labels = torch.tensor([label for _, label in test_samples])
-        acc_after = _accuracy(predict(model, test_images, torch_device), labels)
+        # streamed, not held in memory: a test/ split may be far larger than the --limit images
+        loader = torch.utils.data.DataLoader(ImageDataset(test_samples, eval_transform(artifact.spec)),
+                                             batch_size=256)
+        logits, labels = predict_logits(model, loader, torch_device, amp=None, desc="target test")
+        acc_after = _accuracy(logits, labels)
         adapted_state = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(source_state)
-        acc_before = _accuracy(predict(model, test_images, torch_device), labels)
+        logits, labels = predict_logits(model, loader, torch_device, amp=None, desc="target test, source model")
+        acc_before = _accuracy(logits, labels)
         model.load_state_dict(adapted_state)
         test = {"folder": str(target / "test"), "images": len(test_samples), "acc_before": round(acc_before, 4),
                 "acc_after": round(acc_after, 4)}
