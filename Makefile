@@ -7,7 +7,7 @@ TL := $(VENV)/bin/tl-deploy
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck data clean-venv
+.PHONY: demo adapt test lint typecheck data clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ demo: data
 	$(TL) finetune
 	$(TL) export models/$(RUN) --int8 --fp16
 	$(TL) parity models/$(RUN)
+
+# Source-free adaptation of the demo model to a new site's unlabelled images, then export and parity on
+# that site's data. A second run replaces the adapted model only with ADAPT_FLAGS=--force; ADAPT_PARITY
+# passes parity options (its gates are parity's defaults: docs/adapt.md says what they measured).
+TARGET ?= data/animal-shape-m
+ADAPT_METHOD ?= shot
+ADAPT_FLAGS ?=
+ADAPT_PARITY ?=
+ADAPTED := models/$(RUN)-adapted-$(ADAPT_METHOD)-$(notdir $(TARGET))
+
+adapt: $(STAMP)
+	test -d $(TARGET) || $(TL) datasets animal-shape-m --out $(TARGET)
+	$(TL) adapt models/$(RUN) --target-unlabeled $(TARGET) --method $(ADAPT_METHOD) $(ADAPT_FLAGS) && $(TL) export $(ADAPTED) --int8 --fp16 --calib-data $(TARGET) && $(TL) parity $(ADAPTED) --data $(TARGET) $(ADAPT_PARITY)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -31,6 +31,7 @@ VERBS: dict[str, Verb] = {
     "datasets": Verb("tl_deploy.datasets", "write a data set (Animal-Shape, Animal-Shape-M) as an ImageFolder tree"),
     "finetune": Verb("tl_deploy.finetune", "fine-tune a pretrained backbone on an ImageFolder -> models/<run>/"),
     "evaluate": Verb("tl_deploy.evaluate", "accuracy, per-class accuracy and confusion matrix of a model artifact"),
+    "adapt": Verb("tl_deploy.adapt", "adapt a model artifact to a new site's unlabelled images (source-free)"),
     "export": Verb("tl_deploy.export", "export a model artifact to ONNX FP32/FP16/INT8 and TensorRT -> export/<run>/"),
     "parity": Verb("tl_deploy.parity", "prove every exported backend classifies like the PyTorch model"),
     "bench": Verb("tl_deploy.bench", "latency and throughput of every backend, and image file -> label"),

@@ -4,7 +4,8 @@
 
     models/<run-name>/
       model.safetensors   weights (no pickle)
-      config.json         architecture, classes, PreprocessSpec, training config, versions, metrics
+      config.json         architecture, classes, PreprocessSpec, training config, versions, metrics,
+                          and for an adapted model its lineage (``adaptation``)
       metrics.json        train/val/test accuracy and loss, per-class accuracy, confusion matrix
       curves.png          training curves
       confusion.png       test (or val) confusion matrix
@@ -148,8 +149,13 @@ def save_artifact(
     training: dict[str, Any],
     metrics: dict[str, Any],
     extra_files: dict[str, bytes] | None = None,
+    adaptation: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the artifact folder atomically and return its path."""
+    """Write the artifact folder atomically and return its path.
+
+    ``adaptation``: the lineage of a model adapted from another artifact (``tl-deploy adapt``), stored as
+    the config's ``adaptation`` key; every consumer reads the artifact as any other.
+    """
     from safetensors.torch import save_file
 
     if len(class_names) != architecture.num_classes:
@@ -168,6 +174,8 @@ def save_artifact(
         "versions": package_versions(),
         "metrics": summary,
     }
+    if adaptation is not None:
+        config["adaptation"] = adaptation
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _refuse_non_finite(state, f"Not saving {out}", "Training diverged: lower --lr or --weight-decay, or "
                        "check the data; nothing was written.")
