@@ -30,11 +30,13 @@ demo: data
 
 # Source-free adaptation of the demo model to a new site's unlabelled images, then export and parity on
 # that site's data. A second run replaces the adapted model only with ADAPT_FLAGS=--force; ADAPT_PARITY
-# passes parity options (its gates are parity's defaults: docs/adapt.md says what they measured).
+# passes parity options.
 TARGET ?= data/animal-shape-m
 ADAPT_METHOD ?= shot
 ADAPT_FLAGS ?=
-ADAPT_PARITY ?=
+# The adapted model's target images are harder than the source's: its INT8 and bf16 files lose no accuracy
+# there but flip more top-1 classes (docs/adapt.md), so the agreement gates are stated looser; accuracy gates stay.
+ADAPT_PARITY ?= --min-agreement int8=96 --min-agreement bf16=99
 ADAPTED := models/$(RUN)-adapted-$(ADAPT_METHOD)-$(notdir $(TARGET))
 
 adapt: $(STAMP)
