@@ -57,7 +57,7 @@ from tl_deploy.train.setup import (
     run_name,
     seed_everything,
 )
-from tl_deploy.train.stage_cache import StageCache, activation_bytes, cut_for_cache
+from tl_deploy.train.stage_cache import StageCache, cut_for_cache
 
 _logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def prepare_stage_cache(run: Run, network: nn.Module) -> StageCache:
 def target_that_fits(target: list[Sample], prefix: nn.Module, run: Run, num_source: int) -> list[Sample]:
     """The unlabelled target images whose frozen-stage outputs fit in memory beside the source's: all of
     them, a seeded random subset, or none (then every layer runs each epoch, on source and target)."""
-    per_image = activation_bytes(prefix, run.spec.input_size, run.device)
+    per_image = stage_cache.activation_bytes(prefix, run.spec.input_size, run.device)
     room = max(0, stage_cache.ACTIVATION_CACHE_MAX_BYTES // per_image - num_source)
     if room >= len(target):
         return target
