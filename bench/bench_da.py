@@ -32,6 +32,7 @@ import torch
 from tl_deploy.artifact import Artifact, load_artifact
 from tl_deploy.cli import setup_logging
 from tl_deploy.data import ImageDataset, eval_transform
+from tl_deploy.errors import TlDeployError
 from tl_deploy.train.adaptation import DA_METHODS, target_test_samples
 from tl_deploy.train.config import TrainConfig
 from tl_deploy.train.loop import predict_logits, summarize
@@ -74,7 +75,11 @@ def run_da(source: str, target: str, method: str, seed: int, threads: int, out: 
     cfg = TrainConfig(data=source, seed=seed, threads=threads, target_unlabeled=target, da=method,
                       out=str(out / f"{method}-{Path(target).name}-{seed}"))
     t0 = time.perf_counter()
-    path = fit(cfg)
+    try:
+        path = fit(cfg)
+    except TlDeployError as exc:  # every epoch collapsed: the run refuses to write a model
+        return {"method": method, "seed": seed, "target": Path(target).name, "target_test_acc": None,
+                "source_test_acc": None, "seconds": round(time.perf_counter() - t0, 1), "failed": str(exc)}
     seconds = time.perf_counter() - t0
     metrics = json.loads((path / "metrics.json").read_text())
     stats = metrics.get("target_unlabeled_stats", {})
@@ -102,11 +107,14 @@ def print_table(runs: list[dict[str, Any]]) -> None:
         rows = [r for r in runs if r["method"] == method]
         cells = []
         for name in names:
-            vals = [100 * r["target_test_acc"] for r in rows if r["target"] == name]
-            cells.append(mean_std(vals) if vals else "-")
-        per_run = {(r["seed"], r["target"]): r for r in rows}.values()  # source-only: one fit for every target
+            vals = [100 * r["target_test_acc"] for r in rows if r["target"] == name and not r.get("failed")]
+            failed = sum(1 for r in rows if r["target"] == name and r.get("failed"))
+            note = f" ({failed} run(s) collapsed: no model)" if failed else ""
+            cells.append((mean_std(vals) if vals else "-") + note)
+        per_run = [r for r in {(r["seed"], r["target"]): r for r in rows}.values()  # source-only: one fit per seed
+                   if not r.get("failed")]
         seeds = sorted({r["seed"] for r in rows})
-        source = mean_std([100 * r["source_test_acc"] for r in per_run])
+        source = mean_std([100 * r["source_test_acc"] for r in per_run]) if per_run else "-"
         walls = [r["seconds"] for r in per_run]
         ratios = [r["seconds"] / baseline[r["seed"]] for r in per_run if r["seed"] in baseline]
         ratio = f"{statistics.fmean(ratios):.2f}x (max {max(ratios):.2f}x)" if ratios else "-"
@@ -115,7 +123,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
             walls = [r["seconds"] for r in rows if r["target"] == names[0]]
             ratio = "1.00x"
         print(f"| {method} | {','.join(map(str, seeds))} | " + " | ".join(cells)
-              + f" | {source} | {statistics.fmean(walls):.0f} | {ratio} |")
+              + f" | {source} | {statistics.fmean(walls) if walls else float('nan'):.0f} | {ratio} |")
 
 
 def main() -> None:
@@ -141,15 +149,16 @@ def main() -> None:
         out = Path(args.out)
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
-                new = (run_source_only(args.source, targets, seed, args.threads, out) if method == SOURCE_ONLY
-                       else [run_da(args.source, t, method, seed, args.threads, out) for t in targets])
-                for row in new:
-                    print(json.dumps(row), flush=True)
-                    runs = [r for r in runs if (r["method"], r["seed"], r["target"])
-                            != (row["method"], row["seed"], row["target"])] + [row]
-                store.parent.mkdir(parents=True, exist_ok=True)
-                store.write_text(json.dumps({"source": args.source, "threads": args.threads, "runs": runs},
-                                            indent=2))
+                for target in [None] if method == SOURCE_ONLY else targets:
+                    new = (run_source_only(args.source, targets, seed, args.threads, out) if target is None
+                           else [run_da(args.source, target, method, seed, args.threads, out)])
+                    for row in new:
+                        print(json.dumps(row), flush=True)
+                        runs = [r for r in runs if (r["method"], r["seed"], r["target"])
+                                != (row["method"], row["seed"], row["target"])] + [row]
+                    store.parent.mkdir(parents=True, exist_ok=True)
+                    store.write_text(json.dumps({"source": args.source, "threads": args.threads, "runs": runs},
+                                                indent=2))
     print(f"\n{args.source} -> each target; default pipeline (112 px, lp-ft, 2 epochs), --threads "
           f"{args.threads}; mean ± std over seeds")
     print_table(runs)
