@@ -122,7 +122,8 @@ def make_adapter(run: Run, network: nn.Module, cache: StageCache, total_steps: i
                  ", their frozen-stage outputs cached" if activations is not None else "")
     # Plain shuffling (never the class-balanced sampler: the target images have no labels).
     loader = make_loader(target, train_transform(run.spec, cfg.augment), batch_size=cfg.da_batch_size,
-                         seed=cfg.seed, train=True, epoch=10_007, workers=run.workers, activations=activations)
+                         seed=cfg.seed, train=True, epoch=10_007, workers=run.workers, activations=activations,
+                         accum_steps=cfg.grad_accum_steps)
     adapter = DomainAdapter(cfg.da, int(network.num_features), cfg.da_weight, cycle(loader),  # type: ignore[arg-type]
                             total_steps, classifier=network.get_classifier(),  # type: ignore[operator]
                             features=_suffix_features if cache.suffix is not None else pooled_features,

@@ -13,8 +13,8 @@ every epoch: it is computed once, kept in memory, and the epochs run only the la
 (``tl_deploy.train.stage_cache``). Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it
 trains with DistributedDataParallel (``tl_deploy.train.distributed``); ``--batch-size`` stays the
 global batch. ``--head attention-fusion`` fuses several backbone depths (``tl_deploy.heads``);
-``--target-unlabeled DIR --da {dann,mmd,coral}`` adds unsupervised domain adaptation to the fine-tuning
-phase (``tl_deploy.train.adaptation``).
+``--target-unlabeled DIR --da {dann,mmd,coral,mcc,self-train}`` adds unsupervised domain adaptation to the
+fine-tuning phase (``tl_deploy.train.adaptation``); the target images' frozen-stage outputs are cached too.
 """
 
 from __future__ import annotations
