@@ -1,18 +1,21 @@
-"""Unsupervised domain adaptation on Animal-Shape -> Animal-Shape-M: source-only vs DANN vs MMD vs CORAL.
+"""Unsupervised domain adaptation with the default pipeline: source-only vs each ``--da`` method, on
+every target domain.
 
     python -m tl_deploy.datasets animal-shape-m --out data/animal-shape-m
-    flock /tmp/tl_deploy.bench.lock python bench/bench_da.py --target data/animal-shape-m
+    python -m tl_deploy.datasets animal-shape-sketch --out data/animal-shape-sketch
+    flock /tmp/tl_deploy.bench.lock python bench/bench_da.py --seeds 0 --methods source-only,mcc
 
-Every run is ``python -m tl_deploy.finetune`` (in-process) on labelled Animal-Shape training images
-plus, for the DA methods, unlabelled Animal-Shape-M training images; the model of the best
-*source* val epoch is kept; target test accuracy is read from the artifact's metrics. Prints a table
-of mean and std over the seeds and writes every run to ``--json``.
+Every run is ``tl-deploy finetune`` (in-process) with its defaults (full Animal-Shape source, 112 px,
+lp-ft, 2 epochs) and ``--threads``; a DA run adds ``--target-unlabeled TARGET --da METHOD`` (all of
+TARGET/train/, unlabelled). The model of the best *source* val epoch is kept; target labels are read
+only to score the target's test/ split after training. The source-only model does not depend on the
+target: it is trained once per seed and scored on every target's test/ (``evaluate_artifact``).
 
-To fit a few CPU minutes, both datasets are cut to fixed, class-balanced subsets first (symlinks,
-first files of each class folder in name order, the same for every method and seed):
-``--source-per-class`` training images (of which each seed's run uses ``--limit-per-class``), 20 val
-and ``--test-per-class`` test images per class; the target keeps ``--target-per-class`` unlabelled
-training images and ``--test-per-class`` labelled test images per class.
+Each invocation runs the (method, seed, target) runs it is given, adds them to ``--json`` (a run
+already there is replaced), and prints the table over every run in the file: per method, target
+test accuracy on each domain and source test accuracy (mean ± std over seeds), the wall time of the
+``fit`` call, and its ratio to the source-only run of the same seed. So the bench can be run in
+parts that each fit a time slot, and ``--report`` prints the table without running anything.
 """
 
 from __future__ import annotations
@@ -22,89 +25,143 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from tl_deploy.artifact import Artifact, load_artifact
 from tl_deploy.cli import setup_logging
+from tl_deploy.data import ImageDataset, eval_transform
+from tl_deploy.errors import TlDeployError
+from tl_deploy.train.adaptation import DA_METHODS, target_test_samples
 from tl_deploy.train.config import TrainConfig
+from tl_deploy.train.loop import predict_logits, summarize
 from tl_deploy.train.recipe import fit
 
-METHODS = ("source-only", "dann", "mmd", "coral")
+SOURCE_ONLY = "source-only"
 
 
-def subset_tree(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
-    """Symlinked ImageFolder with the first N files of each class of each split (name order)."""
-    for split, n in per_split.items():
-        for class_dir in sorted(p for p in (src / split).iterdir() if p.is_dir()):
-            out = dst / split / class_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for f in sorted(class_dir.iterdir())[:n]:
-                link = out / f.name
-                if not link.exists():
-                    link.symlink_to(f.resolve())
-    return dst
+def target_test_acc(artifact: Artifact, target: str) -> float:
+    """Accuracy of ``artifact`` on ``target``/test/ (the labelled split the DA runs score too)."""
+    samples = target_test_samples(target, artifact.class_names)
+    if not samples:
+        raise SystemExit(f"error: {target}/test/ is missing or has other classes than {artifact.class_names}")
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(artifact.spec)), batch_size=128)
+    logits, labels = predict_logits(artifact.model, loader, torch.device("cpu"), amp=None, desc="target test eval")
+    return summarize(logits, labels, len(artifact.class_names)).accuracy
+
+
+def run_source_only(source: str, targets: list[str], seed: int, threads: int, out: Path) -> list[dict[str, Any]]:
+    """One source-only fit (scored on the first target's test/ by the run itself), then the artifact
+    scored on every other target's test/."""
+    cfg = TrainConfig(data=source, seed=seed, threads=threads, target_unlabeled=targets[0],
+                      out=str(out / f"{SOURCE_ONLY}-{seed}"))
+    t0 = time.perf_counter()
+    path = fit(cfg)
+    seconds = time.perf_counter() - t0
+    metrics = json.loads((path / "metrics.json").read_text())
+    artifact = load_artifact(path)
+    rows = []
+    for target in targets:
+        acc = (metrics["target_test_acc"] if target == targets[0]
+               else target_test_acc(artifact, target))
+        rows.append({"method": SOURCE_ONLY, "seed": seed, "target": Path(target).name, "target_test_acc": acc,
+                     "source_test_acc": metrics["test_acc"], "source_val_acc": metrics["val_acc"],
+                     "seconds": round(seconds, 1)})
+    return rows
+
+
+def run_da(source: str, target: str, method: str, seed: int, threads: int, out: Path) -> dict[str, Any]:
+    cfg = TrainConfig(data=source, seed=seed, threads=threads, target_unlabeled=target, da=method,
+                      out=str(out / f"{method}-{Path(target).name}-{seed}"))
+    t0 = time.perf_counter()
+    try:
+        path = fit(cfg)
+    except TlDeployError as exc:  # every epoch collapsed: the run refuses to write a model
+        return {"method": method, "seed": seed, "target": Path(target).name, "target_test_acc": None,
+                "source_test_acc": None, "seconds": round(time.perf_counter() - t0, 1), "failed": str(exc)}
+    seconds = time.perf_counter() - t0
+    metrics = json.loads((path / "metrics.json").read_text())
+    stats = metrics.get("target_unlabeled_stats", {})
+    return {"method": method, "seed": seed, "target": Path(target).name, "target_test_acc": metrics["target_test_acc"],
+            "source_test_acc": metrics["test_acc"], "source_val_acc": metrics["val_acc"],
+            "seconds": round(seconds, 1), "target_entropy": stats.get("mean_entropy"),
+            "target_effective_classes": stats.get("effective_classes"),
+            "target_agreement": stats.get("agreement"), "collapsed_epochs": stats.get("collapsed_epochs")}
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def print_table(runs: list[dict[str, Any]]) -> None:
+    """Markdown table over ``runs``: one row per method, mean ± std over its seeds."""
+    names = list(dict.fromkeys(r["target"] for r in runs))  # the targets, in the order first run
+    methods = [m for m in (SOURCE_ONLY, *DA_METHODS) if any(r["method"] == m for r in runs)]
+    baseline = {r["seed"]: r["seconds"] for r in runs if r["method"] == SOURCE_ONLY}
+    print("| method | seeds | " + " | ".join(f"target test acc ({n})" for n in names)
+          + " | source test acc | wall s | wall / source-only |")
+    print("| --- " * (len(names) + 5) + "|")
+    for method in methods:
+        rows = [r for r in runs if r["method"] == method]
+        cells = []
+        for name in names:
+            vals = [100 * r["target_test_acc"] for r in rows if r["target"] == name and not r.get("failed")]
+            failed = sum(1 for r in rows if r["target"] == name and r.get("failed"))
+            note = f" ({failed} run(s) collapsed: no model)" if failed else ""
+            cells.append((mean_std(vals) if vals else "-") + note)
+        per_run = [r for r in {(r["seed"], r["target"]): r for r in rows}.values()  # source-only: one fit per seed
+                   if not r.get("failed")]
+        seeds = sorted({r["seed"] for r in rows})
+        source = mean_std([100 * r["source_test_acc"] for r in per_run]) if per_run else "-"
+        walls = [r["seconds"] for r in per_run]
+        ratios = [r["seconds"] / baseline[r["seed"]] for r in per_run if r["seed"] in baseline]
+        ratio = f"{statistics.fmean(ratios):.2f}x (max {max(ratios):.2f}x)" if ratios else "-"
+        if method == SOURCE_ONLY:
+            source = mean_std([100 * r["source_test_acc"] for r in rows if r["target"] == names[0]])
+            walls = [r["seconds"] for r in rows if r["target"] == names[0]]
+            ratio = "1.00x"
+        print(f"| {method} | {','.join(map(str, seeds))} | " + " | ".join(cells)
+              + f" | {source} | {statistics.fmean(walls) if walls else float('nan'):.0f} | {ratio} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="data/animal-shape")
-    p.add_argument("--target", default="data/animal-shape-m")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--limit-per-class", type=int, default=50, help="labelled source images per class and run")
-    p.add_argument("--source-per-class", type=int, default=100)
-    p.add_argument("--target-per-class", type=int, default=100)
-    p.add_argument("--test-per-class", type=int, default=50)
-    p.add_argument("--strategy", default="lp-ft")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--opt", default="adamw")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--da-weight", type=float, default=1.0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest when the cores are shared)")
-    p.add_argument("--out", default="/tmp/tl_deploy-bench-da")
-    p.add_argument("--json", default="bench/results/da.json")
+    p.add_argument("--targets", default="data/animal-shape-m,data/animal-shape-sketch",
+                   help="comma-separated target folders, each with train/ (unlabelled here) and a labelled test/; "
+                        "the DA methods run on each, the source-only model is scored on each")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", default=f"{SOURCE_ONLY},mcc", help=f"comma-separated: {SOURCE_ONLY}, "
+                                                                  f"{', '.join(DA_METHODS)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="/tmp/tl_deploy-bench-da", help="folder of the runs' artifacts")
+    p.add_argument("--json", default="bench/results/da.json", help="runs so far; this invocation's are added")
+    p.add_argument("--report", action="store_true", help="only print the table of the runs in --json")
     args = p.parse_args()
     setup_logging(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.out)
-    source = subset_tree(Path(args.source), work / "source",
-                         {"train": args.source_per_class, "val": 20, "test": args.test_per_class})
-    target = subset_tree(Path(args.target), work / "target",
-                         {"train": args.target_per_class, "test": args.test_per_class})
-    runs = []
-    start = time.perf_counter()
-    for seed in range(args.seeds):
-        for method in args.methods.split(","):
-            da = None if method == "source-only" else method
-            cfg = TrainConfig(data=str(source), strategy=args.strategy, epochs=args.epochs, img_size=args.img_size,
-                              limit_per_class=args.limit_per_class, seed=seed, da=da, da_weight=args.da_weight,
-                              optimizer=args.opt, lr=args.lr, unfreeze="all", augment=True,
-                              target_unlabeled=str(target), out=f"{args.out}/runs/{method}-{seed}")
-            t0 = time.perf_counter()
-            metrics = json.loads((fit(cfg) / "metrics.json").read_text())
-            runs.append({"method": method, "seed": seed, "target_test_acc": metrics["target_test_acc"],
-                         "source_test_acc": metrics["test_acc"], "source_val_acc": metrics["val_acc"],
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            print(json.dumps(runs[-1]), flush=True)
-    wall = time.perf_counter() - start
-    print(f"\n{args.seeds} seeds, {args.strategy}, {args.epochs} epochs, {args.opt} lr {args.lr}, {args.img_size} px, "
-          f"{args.limit_per_class} labelled source images per class, {args.target_per_class} unlabelled target "
-          f"images per class, {args.test_per_class} test images per class, da weight {args.da_weight}; "
-          f"wall {wall:.0f} s")
-    print("| method | target test acc (Animal-Shape-M) | source test acc (Animal-Shape) |")
-    print("| --- | --- | --- |")
-    for method in args.methods.split(","):
-        rows = [r for r in runs if r["method"] == method]
-        cells = []
-        for key in ("target_test_acc", "source_test_acc"):
-            vals = [100 * r[key] for r in rows]
-            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.fmean(vals):.1f} ± {std:.1f}")
-        print(f"| {method} | {cells[0]} | {cells[1]} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "wall_seconds": wall}, indent=2))
+    torch.set_num_threads(args.threads)
+    targets = args.targets.split(",")
+    store = Path(args.json)
+    runs: list[dict[str, Any]] = json.loads(store.read_text())["runs"] if store.is_file() else []
+    if not args.report:
+        out = Path(args.out)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in args.methods.split(","):
+                for target in [None] if method == SOURCE_ONLY else targets:
+                    new = (run_source_only(args.source, targets, seed, args.threads, out) if target is None
+                           else [run_da(args.source, target, method, seed, args.threads, out)])
+                    for row in new:
+                        print(json.dumps(row), flush=True)
+                        runs = [r for r in runs if (r["method"], r["seed"], r["target"])
+                                != (row["method"], row["seed"], row["target"])] + [row]
+                    store.parent.mkdir(parents=True, exist_ok=True)
+                    store.write_text(json.dumps({"source": args.source, "threads": args.threads, "runs": runs},
+                                                indent=2))
+    print(f"\n{args.source} -> each target; default pipeline (112 px, lp-ft, 2 epochs), --threads "
+          f"{args.threads}; mean ± std over seeds")
+    print_table(runs)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Unsupervised domain adaptation: labelled source images, unlabelled target images.
 
-    python -m tl_deploy.finetune --data SOURCE_DIR --target-unlabeled TARGET_DIR --da {dann,mmd,coral}
+    python -m tl_deploy.finetune --data SOURCE_DIR --target-unlabeled TARGET_DIR --da METHOD
 
-Each method adds one alignment loss to the source classification loss, following its paper:
+Each method adds one loss on a batch of unlabelled target images to the source classification loss,
+following its paper:
 
 - ``dann`` (Ganin et al., JMLR 2016): a domain discriminator on the pooled features, trained through a
   gradient-reversal layer whose coefficient ramps as ``2 / (1 + exp(-10 p)) - 1`` with training
@@ -13,6 +14,17 @@ Each method adds one alignment loss to the source classification loss, following
   squared distance ``b``; the unbiased estimator.
 - ``coral`` (Sun and Saenko, Deep CORAL, ECCV-W 2016): ``||C_s - C_t||_F^2 / (4 d^2)`` between the
   covariances of the source and target outputs of the last layer (the logits, as in the paper).
+- ``mcc`` (Jin et al., Minimum Class Confusion, ECCV 2020): the target predictions' class confusion
+  ``P^T W P`` (softmax at temperature 2.5, images weighted by ``1 + exp(-entropy)``, rows normalised),
+  whose off-diagonal mass is minimised: confident *and* diverse target predictions, no discriminator.
+- ``self-train`` (FixMatch's confidence mask, Sohn et al., NeurIPS 2020, without strong augmentation):
+  cross-entropy of the target images on their own top-1 class where its probability is at least
+  ``--da-threshold``; each pseudo-label is weighted down by how over-represented its class is among
+  the recent pseudo-labels (a running class frequency), so one class cannot take over the target.
+
+With the frozen-stage cache (``tl_deploy.train.stage_cache``) the target images are treated as the
+source images are: their frozen-stage outputs are computed once, and every step runs only the trained
+layers on cached source and target activations.
 
 Only the trained classifier is kept: the artifact is a normal one. Model selection uses held-out
 *source* validation images; target labels, if the target folder has any, are read only to report
@@ -23,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +48,12 @@ from tl_deploy.errors import DataError
 
 _logger = logging.getLogger(__name__)
 
-DA_METHODS = ("dann", "mmd", "coral")
+DA_METHODS = ("dann", "mmd", "coral", "mcc", "self-train")
+MCC_TEMPERATURE = 2.5  # the paper's value for every benchmark
+# A domain discriminator whose loss falls below this has won (chance is ln 2 = 0.69): DANN's failure mode.
+DISCRIMINATOR_WIN_LOSS = 0.05
+
+Features = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (trained module, input batch) -> (B, D)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -111,6 +128,53 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((c_s - c_t) ** 2).sum() / (4.0 * d * d)
 
 
+def minimum_class_confusion(logits: torch.Tensor, temperature: float = MCC_TEMPERATURE) -> torch.Tensor:
+    """MCC loss of (M, C) target logits: the mean off-diagonal class confusion, in [0, 1)."""
+    m, c = logits.shape
+    if m < 2:
+        raise DataError(f"MCC needs at least 2 target samples per batch, got {m}.")
+    p = torch.softmax(logits.float() / temperature, dim=1)  # (M, C)
+    entropy = -(p * torch.log(p + 1e-5)).sum(1).detach()  # (M,)
+    weight = 1.0 + torch.exp(-entropy)
+    weight = m * weight / weight.sum()  # (M,): confident images count more
+    confusion = (p * weight[:, None]).T @ p  # (C, C)
+    confusion = confusion / confusion.sum(1, keepdim=True)
+    return (confusion.sum() - confusion.trace()) / c
+
+
+class PseudoLabels:
+    """Confident target pseudo-labels, weighted against the classes that recent pseudo-labels over-represent."""
+
+    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.99) -> None:
+        self.threshold = threshold
+        self.momentum = momentum
+        self.class_frequency = torch.full((num_classes,), 1.0 / num_classes)  # running, of confident labels
+        self.confident_sum, self.seen = 0, 0
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Masked, class-balanced cross-entropy of (M, C) target logits on their own confident top-1 class."""
+        probs = torch.softmax(logits.detach().float(), dim=1)  # (M, C)
+        confidence, labels = probs.max(1)  # (M,), (M,)
+        mask = confidence >= self.threshold  # (M,)
+        c = len(self.class_frequency)
+        if mask.any():
+            batch = torch.bincount(labels[mask].cpu(), minlength=c).float() / int(mask.sum())
+            self.class_frequency = self.momentum * self.class_frequency + (1 - self.momentum) * batch
+        # A class predicted more often than 1/C weighs 1/(C f) < 1; rarer classes keep weight 1.
+        balance = (1.0 / (c * self.class_frequency)).clamp(max=1.0).to(logits.device)  # (C,)
+        weight = mask.float() * balance[labels]  # (M,)
+        self.confident_sum += int(mask.sum())
+        self.seen += len(mask)
+        per_image = nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (M,)
+        return (weight * per_image).sum() / len(logits)  # FixMatch: the mean over the whole batch
+
+    def pop_confident_fraction(self) -> float:
+        """Share of the target images above the threshold since the last call."""
+        fraction = self.confident_sum / max(1, self.seen)
+        self.confident_sum, self.seen = 0, 0
+        return fraction
+
+
 # ----------------------------------------------------------------------------- target data
 
 def unlabeled_samples(root: str | Path) -> list[Sample]:
@@ -148,13 +212,18 @@ def cycle(loader: torch.utils.data.DataLoader) -> Iterator[torch.Tensor]:
 # ----------------------------------------------------------------------------- the training-step hook
 
 class DomainAdapter(nn.Module):
-    """Replaces ``model(x)`` in a training step: source logits plus the weighted alignment loss.
+    """Replaces ``model(x)`` in a training step: source logits plus the weighted adaptation loss.
 
-    Holds the discriminator (DANN), the target batch stream and the training progress.
+    Holds the discriminator (DANN), the pseudo-label state (self-training), the target batch stream
+    and the training progress. ``features`` maps (the module the step trains, a batch) to the pooled
+    features and ``classifier`` maps those to logits: the whole network on images, or the layers after
+    the frozen-stage cut on cached activations.
     """
 
     def __init__(self, method: str, feature_dim: int, weight: float, target_batches: Iterator[torch.Tensor],
-                 total_steps: int, hidden: int = 256) -> None:
+                 total_steps: int, hidden: int = 256, *, classifier: nn.Module | None = None,
+                 features: Features = pooled_features, num_classes: int | None = None,
+                 threshold: float = 0.8) -> None:
         super().__init__()
         if method not in DA_METHODS:
             raise DataError(f"Invalid --da {method!r}. Only {', '.join(DA_METHODS)} are supported.")
@@ -163,16 +232,25 @@ class DomainAdapter(nn.Module):
         self.total_steps = max(1, total_steps)
         self.steps_done = 0
         self.target_batches = target_batches
+        self.features = features
+        self._classifier = [classifier]  # a list: the network's own head, not a module of the adapter
         self.discriminator = DomainDiscriminator(feature_dim, hidden) if method == "dann" else None
+        self.pseudo_labels = None
+        if method == "self-train":
+            if num_classes is None:
+                raise ValueError("self-train needs num_classes")
+            self.pseudo_labels = PseudoLabels(num_classes, threshold)
         self.align_sum, self.align_count = 0.0, 0
 
     def forward(self, model: nn.Module, x_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) source batch -> ((B, C) source logits, weighted alignment loss)."""
+        """Source batch (images or cached activations) -> ((B, C) source logits, weighted adaptation loss)."""
         x_target = next(self.target_batches).to(x_source.device, non_blocking=True)
-        x_target = x_target.contiguous(memory_format=torch.channels_last)  # (M, 3, H, W)
+        if x_target.ndim == 4:
+            x_target = x_target.contiguous(memory_format=torch.channels_last)  # (M, C, H, W)
         n = len(x_source)
-        feats = pooled_features(model, torch.cat([x_source, x_target]))  # (B+M, D)
-        logits = model.get_classifier()(feats)  # type: ignore[operator]  # (B+M, C)
+        feats = self.features(model, torch.cat([x_source, x_target]))  # (B+M, D)
+        classifier = self._classifier[0] or model.get_classifier()  # type: ignore[operator]
+        logits = classifier(feats)  # (B+M, C)
         if self.method == "dann":
             assert self.discriminator is not None
             coeff = dann_coefficient(self.steps_done / self.total_steps)
@@ -182,8 +260,13 @@ class DomainAdapter(nn.Module):
             align = nn.functional.binary_cross_entropy_with_logits(domain_logits, is_source)
         elif self.method == "mmd":
             align = mk_mmd(feats[:n], feats[n:])
-        else:
+        elif self.method == "coral":
             align = coral(logits[:n], logits[n:])
+        elif self.method == "mcc":
+            align = minimum_class_confusion(logits[n:])
+        else:
+            assert self.pseudo_labels is not None
+            align = self.pseudo_labels.loss(logits[n:])
         self.align_sum += float(align.detach())
         self.align_count += 1
         return logits[:n], self.weight * align
@@ -192,8 +275,18 @@ class DomainAdapter(nn.Module):
         """Call after each optimiser step: advances the DANN schedule."""
         self.steps_done += 1
 
-    def pop_mean_align_loss(self) -> float:
-        """Mean alignment loss since the last call (for the epoch log)."""
-        mean = self.align_sum / max(1, self.align_count)
+    def pop_epoch_stats(self) -> dict[str, float]:
+        """The epoch's adaptation figures since the last call, for its history row: the mean (unweighted)
+        adaptation loss, and with self-training the share of target images above the threshold."""
+        row = {"align_loss": self.align_sum / max(1, self.align_count)}
         self.align_sum, self.align_count = 0.0, 0
-        return mean
+        if self.pseudo_labels is not None:
+            row["pseudo_label_fraction"] = self.pseudo_labels.pop_confident_fraction()
+        return row
+
+    def failure(self, align_loss: float) -> str | None:
+        """Why this epoch's adaptation loss says the method failed (a DANN discriminator that wins), or None."""
+        if self.method == "dann" and align_loss < DISCRIMINATOR_WIN_LOSS:
+            return (f"the domain discriminator won (its loss {align_loss:.3f} is below {DISCRIMINATOR_WIN_LOSS}; "
+                    f"chance is 0.69): source and target features are told apart")
+        return None

@@ -11,6 +11,7 @@ import dataclasses
 
 from tl_deploy import cli
 from tl_deploy.errors import TlDeployError
+from tl_deploy.train.adaptation import DA_METHODS
 from tl_deploy.train.config import GROUPS, TrainConfig
 
 DESCRIPTION = ("Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
@@ -94,7 +95,11 @@ def refuse_unused_options(args: argparse.Namespace) -> None:
     if args.head == "linear":
         refuse(args, FUSION_ONLY, "with --head linear: drop it or add --head attention-fusion")
     if args.da is None:
-        refuse(args, ("da_weight",), "without --da: drop it or add --da dann, mmd or coral")
+        refuse(args, ("da_weight", "da_batch_size", "da_threshold"),
+               f"without --da: drop it or add --da {', '.join(DA_METHODS)}")
+    elif args.da != "self-train":
+        refuse(args, ("da_threshold",), f"with --da {args.da} (only self-train uses pseudo-labels): drop it or "
+                                        "choose --da self-train")
     if args.layer_decay is not None:
         refuse(args, ("backbone_lr_mult",), "with --layer-decay (layer-wise decay sets the backbone's "
                                                        "rates): pass only one of them")

@@ -108,9 +108,16 @@ class TrainConfig:
     target_unlabeled: str | None = option(
         None, "target-domain images without labels (DIR/train/** if present, else DIR/**); a labelled DIR/test/ "
               "is scored after training, also without --da (the source-only baseline)", "da", metavar="DIR")
-    da: str | None = option(None, "alignment loss: dann, mmd or coral (default: none)", "da", choices=DA_METHODS)
-    da_weight: float = option(1.0, "weight of the alignment loss against the source classification loss", "da",
+    da: str | None = option(None, "adaptation loss on the target batch: dann, mmd, coral, mcc (minimum class "
+                                  "confusion) or self-train (confident pseudo-labels) (default: none)", "da",
+                            choices=DA_METHODS)
+    da_weight: float = option(1.0, "weight of the adaptation loss against the source classification loss", "da",
                               allowed=NON_NEGATIVE)
+    # Half the default source batch: the target half of each step costs ~0.4x a source-only step, not 1x.
+    da_batch_size: int = option(16, "unlabelled target images drawn with every source batch", "da",
+                                allowed=POSITIVE_INT)
+    da_threshold: float = option(0.8, "self-train: the softmax probability from which a target image's top-1 "
+                                      "class is its pseudo-label", "da", allowed=Range(float, 0.0, 1.0))
     # strategy and schedule
     strategy: str = option("lp-ft", "transfer strategy", "schedule", choices=STRATEGIES)
     unfreeze: int | str = option("auto", "backbone stages that train, counted from the output (auto: lp-ft 4, "

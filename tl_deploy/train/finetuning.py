@@ -1,5 +1,11 @@
 """The fine-tuning phase: the unfrozen layers train for ``--epochs`` with warm-up + cosine; the best
-val epoch is kept, and every epoch is checkpointed for ``--resume``."""
+val epoch is kept, and every epoch is checkpointed for ``--resume``.
+
+With ``--da`` each epoch is also scored without labels on a fixed set of target images
+(``TargetWatch``): prediction entropy, effective classes, drift and agreement against the model
+fine-tuning started from. An epoch whose target predictions collapsed (or whose DANN discriminator
+won) is never selected; when every epoch collapsed the run stops with an error and writes no artifact.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_deploy.backbones import set_trainable
-from tl_deploy.data import train_transform
+from tl_deploy.backbones import pooled_features, set_trainable
+from tl_deploy.data import eval_transform, train_transform
+from tl_deploy.errors import TlDeployError
 from tl_deploy.reports import ClassificationResult
 from tl_deploy.train import distributed
 from tl_deploy.train.adaptation import DomainAdapter, cycle, unlabeled_samples
@@ -22,24 +29,29 @@ from tl_deploy.train.optim import build_optimizer, finetune_param_groups, optimi
 from tl_deploy.train.probe import log_epoch
 from tl_deploy.train.run import Run
 from tl_deploy.train.stage_cache import StageCache
+from tl_deploy.train.target_stats import TargetStats, collapse_reason, target_stats
 
 _logger = logging.getLogger(__name__)
 
 Weights = dict[str, torch.Tensor]
 
+TARGET_WATCH_IMAGES = 1000  # unlabelled target images scored each epoch (a fixed random subset)
 
-def finetune(run: Run, network: nn.Module, cache: StageCache) -> None:
+
+def finetune(run: Run, network: nn.Module, cache: StageCache) -> dict[str, Any] | None:
     """Train the unfrozen layers of ``network``; leaves it with the weights of the best val epoch.
 
     With a frozen-stage cut in ``cache``, the epochs run only the layers after the cut, on the cached
-    outputs of the frozen stages.
+    outputs of the frozen stages. With ``--da``, returns the selected epoch's label-free target
+    statistics (metrics.json's ``target_unlabeled_stats``); else None.
     """
     cfg, state = run.cfg, run.state
     set_trainable(network, cfg.stages_to_train())
     trained = cache.suffix or network  # the layers each epoch runs
     stepped = distributed.data_parallel(trained, run.dist, sync_bn=cfg.sync_bn)  # after freezing: DDP's wrapper
     per_epoch = steps_per_epoch(run)
-    adapter = make_adapter(run, network, cfg.epochs * per_epoch)
+    adapter = make_adapter(run, network, cache, cfg.epochs * per_epoch)
+    watch = TargetWatch(run, network, cache) if adapter is not None else None
     optimizer, scheduler = make_optimization(run, network, adapter, per_epoch)
     best = restore_optimization(run, optimizer, scheduler)
     scaler = torch.amp.GradScaler("cuda") if run.amp.dtype == torch.float16 else None
@@ -61,20 +73,27 @@ def finetune(run: Run, network: nn.Module, cache: StageCache) -> None:
                                                 dist=run.dist, adapter=adapter)
         val = validate(run, network, cache)
         row = {"phase": "finetune", "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.perf_counter() - t0, 1),
+               "val_loss": val.loss, "val_acc": val.accuracy, "seconds": 0.0,
                "lr": max(g["lr"] for g in optimizer.param_groups)}
-        if adapter is not None:
-            row["align_loss"] = adapter.pop_mean_align_loss()
+        if adapter is not None and watch is not None:
+            row.update(adapter.pop_epoch_stats())
+            row.update(watch.score_epoch(epoch + 1, adapter.failure(row["align_loss"])))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
         best = record_epoch(run, network, row, best)
         run.ckpt.save(network, optimizer, scheduler, state, best=best)
         if cfg.patience is not None and state.stale_epochs >= cfg.patience:
             _logger.info("early stop: val accuracy has not improved for %d epochs", cfg.patience)
             break
+    if watch is not None and state.best_epoch < 1:
+        run.ckpt.clear()
+        raise TlDeployError(f"--da {cfg.da} collapsed in every epoch ({watch.last_reason}); no model was written. "
+                            f"Lower --da-weight (now {cfg.da_weight:g}) or choose another --da method.")
     if best is not None and state.best_epoch != state.epoch:
         _logger.info("restoring the best val epoch (%d, val acc %.2f%%)", state.best_epoch, 100 * state.best_acc)
         network.load_state_dict(best)
     for p in network.parameters():
         p.requires_grad_(True)
+    return watch.selected(state.best_epoch, run.splits.class_names) if watch is not None else None
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -88,20 +107,90 @@ def steps_per_epoch(run: Run) -> int:
     return len(loader) // run.cfg.grad_accum_steps
 
 
-def make_adapter(run: Run, network: nn.Module, total_steps: int) -> DomainAdapter | None:
-    """The domain-adaptation hook for the training step, or None without --da."""
+def make_adapter(run: Run, network: nn.Module, cache: StageCache, total_steps: int) -> DomainAdapter | None:
+    """The domain-adaptation hook for the training step, or None without --da. With the target images'
+    frozen-stage outputs in ``cache``, the target batches are those activations; else images."""
     cfg = run.cfg
     if cfg.da is None or cfg.target_unlabeled is None:
         return None
     target = unlabeled_samples(cfg.target_unlabeled)
-    _logger.info("domain adaptation %s (weight %g): %d unlabelled target images from %s", cfg.da, cfg.da_weight,
-                 len(target), cfg.target_unlabeled)
+    activations = cache.activations.get("target") if cache.suffix is not None else None
+    if activations is not None:
+        target = target[:len(activations)]  # only the labels (-1) are read: the activations are the images
+    _logger.info("domain adaptation %s (weight %g): %d unlabelled target images from %s%s", cfg.da, cfg.da_weight,
+                 len(target), cfg.target_unlabeled,
+                 ", their frozen-stage outputs cached" if activations is not None else "")
     # Plain shuffling (never the class-balanced sampler: the target images have no labels).
-    loader = make_loader(target, train_transform(run.spec, cfg.augment), batch_size=cfg.batch_size, seed=cfg.seed,
-                         train=True, epoch=10_007, workers=run.workers, accum_steps=cfg.grad_accum_steps)
+    loader = make_loader(target, train_transform(run.spec, cfg.augment), batch_size=cfg.da_batch_size,
+                         seed=cfg.seed, train=True, epoch=10_007, workers=run.workers, activations=activations,
+                         accum_steps=cfg.grad_accum_steps)
     adapter = DomainAdapter(cfg.da, int(network.num_features), cfg.da_weight, cycle(loader),  # type: ignore[arg-type]
-                            total_steps)
+                            total_steps, classifier=network.get_classifier(),  # type: ignore[operator]
+                            features=_suffix_features if cache.suffix is not None else pooled_features,
+                            num_classes=run.num_classes, threshold=cfg.da_threshold)
     return adapter.to(run.device)
+
+
+def _suffix_features(suffix: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) cached frozen-stage outputs -> (B, D) pooled features of the layers after the cut."""
+    return suffix(h, pre_logits=True)  # type: ignore[no-any-return]
+
+
+class TargetWatch:
+    """The guard rails of a domain-adaptation run: each epoch's predictions on a fixed random subset of the
+    unlabelled target images, against those of the model fine-tuning starts from (the source-only linear
+    probe with lp-ft), which are computed once."""
+
+    def __init__(self, run: Run, network: nn.Module, cache: StageCache) -> None:
+        self.run = run
+        self.model = cache.suffix or network
+        generator = torch.Generator().manual_seed(run.cfg.seed)
+        activations = cache.activations.get("target") if cache.suffix is not None else None
+        self.loader: torch.utils.data.DataLoader
+        if activations is not None:
+            keep = torch.randperm(len(activations), generator=generator)[:TARGET_WATCH_IMAGES].sort().values
+            x = activations[keep]  # (K, C, h, w)
+            dataset = torch.utils.data.TensorDataset(x, torch.full((len(x),), -1))
+            self.loader = torch.utils.data.DataLoader(dataset, batch_size=run.eval_batch)
+        else:
+            assert run.cfg.target_unlabeled is not None
+            target = unlabeled_samples(run.cfg.target_unlabeled)
+            keep = torch.randperm(len(target), generator=generator)[:TARGET_WATCH_IMAGES].sort().values
+            self.loader = make_loader([target[i] for i in keep.tolist()], eval_transform(run.spec),
+                                      batch_size=run.eval_batch, seed=0, train=False, workers=run.workers)
+        self.reference_logits = self.logits()  # (K, C), the starting model's
+        self.reference = target_stats(self.reference_logits)
+        self.by_epoch: dict[int, tuple[TargetStats, str | None]] = {}
+        self.last_reason: str | None = None
+        _logger.info("target guard rails on %d unlabelled target images; the starting model: %s",
+                     len(self.reference_logits), self.reference.summary())
+
+    def logits(self) -> torch.Tensor:
+        """(K, C) logits of the watched target images under the current weights."""
+        return predict_logits(self.model, self.loader, self.run.device, self.run.amp.dtype, desc="target stats")[0]
+
+    def score_epoch(self, epoch: int, failure: str | None) -> dict[str, Any]:
+        """This epoch's target statistics as history-row fields; ``collapse`` names why it cannot be
+        selected (a collapse of its target predictions, else ``failure``), or is None."""
+        stats = target_stats(self.logits(), self.reference_logits)
+        reason = collapse_reason(stats, self.reference) or failure
+        self.by_epoch[epoch] = (stats, reason)
+        _logger.info("epoch %d: %s", epoch, stats.summary())
+        if reason is not None:
+            self.last_reason = reason
+            _logger.warning("epoch %d is not eligible as the final model: %s", epoch, reason)
+        return {"target_entropy": round(stats.mean_entropy, 4),
+                "target_effective_classes": round(stats.effective_classes, 3),
+                "target_drift": round(stats.drift or 0.0, 4), "target_agreement": round(stats.agreement or 0.0, 4),
+                "collapse": reason}
+
+    def selected(self, epoch: int, class_names: list[str]) -> dict[str, Any]:
+        """metrics.json's ``target_unlabeled_stats``: the selected epoch's statistics and the reference's."""
+        stats, _ = self.by_epoch[epoch]
+        return {**stats.to_dict(class_names), "epoch": epoch,
+                "reference": {**self.reference.to_dict(class_names), "model": "the starting model (before "
+                              "fine-tuning), on the same target images"},
+                "collapsed_epochs": [e for e, (_, reason) in self.by_epoch.items() if reason is not None]}
 
 
 def make_optimization(run: Run, network: nn.Module, adapter: DomainAdapter | None,
@@ -154,7 +243,7 @@ def record_epoch(run: Run, network: nn.Module, row: dict[str, Any], best: Weight
     state.history.append(row)
     log_epoch(row)
     state.epoch = row["epoch"]
-    if row["val_acc"] > state.best_acc:
+    if row.get("collapse") is None and row["val_acc"] > state.best_acc:  # a collapsed epoch is never selected
         state.best_acc, state.best_epoch, state.stale_epochs = row["val_acc"], row["epoch"], 0
         return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     state.stale_epochs += 1

@@ -13,14 +13,15 @@ every epoch: it is computed once, kept in memory, and the epochs run only the la
 (``tl_deploy.train.stage_cache``). Under ``torchrun --nproc_per_node N -m tl_deploy.finetune ...`` it
 trains with DistributedDataParallel (``tl_deploy.train.distributed``); ``--batch-size`` stays the
 global batch. ``--head attention-fusion`` fuses several backbone depths (``tl_deploy.heads``);
-``--target-unlabeled DIR --da {dann,mmd,coral}`` adds unsupervised domain adaptation to the fine-tuning
-phase (``tl_deploy.train.adaptation``).
+``--target-unlabeled DIR --da {dann,mmd,coral,mcc,self-train}`` adds unsupervised domain adaptation to the
+fine-tuning phase (``tl_deploy.train.adaptation``); the target images' frozen-stage outputs are cached too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ from tl_deploy.data import Sample, limit_per_class, load_splits
 from tl_deploy.errors import ModelError, TlDeployError
 from tl_deploy.fileio import default_cache_dir
 from tl_deploy.reports import ClassificationResult, confusion_png, curves_png, format_result
-from tl_deploy.train import distributed
-from tl_deploy.train.adaptation import target_test_samples
+from tl_deploy.train import distributed, stage_cache
+from tl_deploy.train.adaptation import target_test_samples, unlabeled_samples
 from tl_deploy.train.amp import AmpChoice, measure_amp, resolve_amp, time_train_step
 from tl_deploy.train.checkpoint import Checkpointer, fingerprint, restore_checkpoint
 from tl_deploy.train.config import TrainConfig
@@ -73,10 +74,9 @@ def fit(cfg: TrainConfig) -> Path:
                 linear_probe(run, network, cache)
             run.amp = settle_amp(run, network, cache)
             run.timings["setup_and_probe"] = time.perf_counter()
-            if cfg.finetunes:
-                finetune(run, network, cache)
+            target_unlabeled = finetune(run, network, cache) if cfg.finetunes else None
             run.timings["finetune"] = time.perf_counter()
-            results = final_evaluation(run, network, cache)
+            results = final_evaluation(run, network, cache, target_unlabeled)
             return write_artifact(run, network, cache, results)
 
 
@@ -130,22 +130,46 @@ def build(run: Run) -> nn.Module:
 
 
 def prepare_stage_cache(run: Run, network: nn.Module) -> StageCache:
-    """The run's frozen-stage cache, filled with the frozen stages' outputs when fine-tuning can use them."""
+    """The run's frozen-stage cache, filled with the frozen stages' outputs when fine-tuning can use them:
+    the source train and val images and, with ``--da``, the unlabelled target images."""
     cfg, num_images = run.cfg, len(run.train_samples) + len(run.splits.val)
     train_stages = cfg.stages_to_train()
-    # Augmentation changes each epoch's input; domain adaptation runs the whole network on raw target
-    # images each step; fusion reads several depths: none of them can run on cached prefix outputs.
-    cacheable = (cfg.finetunes and not cfg.augment and train_stages is not None and cfg.da is None
-                 and cfg.head == "linear")
+    target = unlabeled_samples(cfg.target_unlabeled) if cfg.da is not None and cfg.target_unlabeled else []
+    # Augmentation changes each epoch's input; fusion reads several depths: neither can run on cached
+    # prefix outputs.
+    cacheable = cfg.finetunes and not cfg.augment and train_stages is not None and cfg.head == "linear"
     cut = (cut_for_cache(network, train_stages, run.spec.input_size, run.device, num_images)
            if cacheable and train_stages is not None else None)
-    cache = StageCache(cut, cfg.cache_runtime, run.device, num_images)
+    if cut is not None and target:
+        target = target_that_fits(target, cut[0], run, num_images)
+        if not target:
+            cut = None
+    cache = StageCache(cut, cfg.cache_runtime, run.device, num_images + len(target))
     if cut is not None:
         _logger.info("the first %d backbone stages stay frozen: their outputs are computed once for every epoch "
                      "(%s)", len(backbone_stages(network)) - (train_stages or 0), cache.runtime)
-        cache.fill({"train": run.train_samples, "val": run.splits.val}, run.spec, batch_size=run.eval_batch,
-                   workers=run.workers)
+        splits: dict[str, Sequence[Sample]] = {"train": run.train_samples, "val": run.splits.val}
+        if target:
+            splits["target"] = target
+        cache.fill(splits, run.spec, batch_size=run.eval_batch, workers=run.workers)
     return cache
+
+
+def target_that_fits(target: list[Sample], prefix: nn.Module, run: Run, num_source: int) -> list[Sample]:
+    """The unlabelled target images whose frozen-stage outputs fit in memory beside the source's: all of
+    them, a seeded random subset, or none (then every layer runs each epoch, on source and target)."""
+    per_image = stage_cache.activation_bytes(prefix, run.spec.input_size, run.device)
+    room = max(0, stage_cache.ACTIVATION_CACHE_MAX_BYTES // per_image - num_source)
+    if room >= len(target):
+        return target
+    if room < 2 * run.cfg.da_batch_size:
+        _logger.info("the target images' frozen-stage outputs do not fit in memory beside the source's: running "
+                     "every layer each epoch")
+        return []
+    keep = torch.randperm(len(target), generator=torch.Generator().manual_seed(run.cfg.seed))[:room]
+    _logger.info("the frozen-stage outputs of %d of the %d target images fit in memory: adapting to that random "
+                 "subset", room, len(target))
+    return [target[i] for i in sorted(keep.tolist())]
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -210,15 +234,18 @@ def settle_amp(run: Run, network: nn.Module, cache: StageCache) -> AmpChoice:
 
 @dataclass(frozen=True)
 class Results:
-    """The final evaluation: the report split (test, else val), val, and the target domain's test split."""
+    """The final evaluation: the report split (test, else val), val, the target domain's test split, and
+    (with --da) the label-free statistics of the selected model's predictions on unlabelled target images."""
 
     split: str
     result: ClassificationResult
     val: ClassificationResult
     target: ClassificationResult | None
+    target_unlabeled: dict[str, Any] | None = None
 
 
-def final_evaluation(run: Run, network: nn.Module, cache: StageCache) -> Results:
+def final_evaluation(run: Run, network: nn.Module, cache: StageCache,
+                     target_unlabeled: dict[str, Any] | None = None) -> Results:
     """Score the selected weights in fp32 on test (else val), on val, and on the target's test/ if any."""
     val_acts = cache.activations.pop("val", None)
     cache.activations.clear()
@@ -243,7 +270,7 @@ def final_evaluation(run: Run, network: nn.Module, cache: StageCache) -> Results
     if target_test:
         # Target labels are read here only, after training and model selection, to report the result.
         target = score(target_test, "target test eval", dist=distributed.SINGLE)
-    return Results(split, result, val, target)
+    return Results(split, result, val, target, target_unlabeled)
 
 
 # ----------------------------------------------------------------------------- artifact
@@ -269,6 +296,8 @@ def metrics_of(run: Run, results: Results, elapsed: float) -> dict[str, Any]:
     }
     if run.cfg.da is not None or target is not None:
         metrics["model_selection"] = "held-out source val; no target labels used in training or selection"
+    if results.target_unlabeled is not None:
+        metrics["target_unlabeled_stats"] = results.target_unlabeled
     if target is not None:
         metrics["target_test_acc"] = target.accuracy
         metrics["target_test_loss"] = target.loss

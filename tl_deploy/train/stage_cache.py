@@ -160,6 +160,13 @@ def _onnxruntime_forward(net: nn.Module, example: torch.Tensor) -> tuple[Forward
     return forward, runner
 
 
+def activation_bytes(prefix: nn.Module, input_size: int, device: torch.device) -> int:
+    """Bytes of one image's cached output of the frozen ``prefix``."""
+    with torch.no_grad():
+        probe = prefix.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
+    return probe.numel() * probe.element_size()
+
+
 def cut_for_cache(model: nn.Module, train_stages: int, input_size: int, device: torch.device,
                   num_images: int) -> tuple[nn.Module, StageSuffix] | None:
     """(frozen prefix, trainable rest) of ``model`` when all but its last ``train_stages`` stages can be
@@ -168,9 +175,7 @@ def cut_for_cache(model: nn.Module, train_stages: int, input_size: int, device: 
     cut = cut_after_stages(model, len(backbone_stages(model)) - train_stages)
     if cut is None:
         return None
-    with torch.no_grad():
-        probe = cut[0].eval()(torch.zeros(1, 3, input_size, input_size, device=device))
-    need = probe.numel() * probe.element_size() * num_images
+    need = activation_bytes(cut[0], input_size, device) * num_images
     if need > ACTIVATION_CACHE_MAX_BYTES:
         _logger.info("frozen-stage outputs would need %.1f GiB: running every layer each epoch", need / 2**30)
         return None
