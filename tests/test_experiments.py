@@ -39,3 +39,13 @@ def test_cli_bad_options_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
                                   message: str) -> None:
     assert main(["transfer-curve", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *args]) != 0
     assert_one_error_line(capsys.readouterr().err, message)
+
+
+def test_few_shot_runs_only_at_the_budgets_of_its_rule(tiny_data: Path, tmp_path: Path) -> None:
+    cc = CurveConfig(data=str(tiny_data), model=TINY_MODEL, weights="none", shots=("2", "21"), seeds=1,
+                     methods=("linear", "few-shot"), img_size=TINY_SIZE, probe_steps=5,
+                     cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "curve"))
+    result = transfer_curve(cc)
+    assert sorted((r["method"], r["shots"]) for r in result["runs"]) == [
+        ("few-shot", "2"), ("linear", "2"), ("linear", "21")]
+    assert result["test_images"] == 24  # the whole test split by default

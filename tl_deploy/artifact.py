@@ -32,6 +32,7 @@ from tl_deploy.errors import ArtifactError
 from tl_deploy.fileio import atomic_dir, atomic_write_json, parse_json, read_json, sha256_bytes, sha256_file
 from tl_deploy.formats.metadata import OnnxMetadata
 from tl_deploy.formats.names import ARTIFACT_CONFIG, ARTIFACT_MANIFEST, ARTIFACT_METRICS, ARTIFACT_WEIGHTS
+from tl_deploy.heads import MULTI_LEVEL_HEAD
 from tl_deploy.preprocess import PreprocessSpec
 
 _logger = logging.getLogger(__name__)
@@ -77,11 +78,15 @@ class Architecture:
     fusion_levels: int = 0  # attention-fusion: backbone levels fused (0 for a linear head)
     fusion_dim: int = 0  # attention-fusion: common width of the projected levels
     channel_attention: bool = False  # attention-fusion: squeeze-and-excitation on the fused vector
+    levels: int = 0  # multi-level-linear: the final features + the last levels - 1 block outputs
+    flip_tta: bool = False  # multi-level-linear: features averaged with the mirror image's in the network
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "num_classes": self.num_classes, "head": self.head,
                                "drop_rate": self.drop_rate}
-        if self.head != "linear":
+        if self.head == MULTI_LEVEL_HEAD:
+            out.update(levels=self.levels, flip_tta=self.flip_tta)
+        elif self.head != "linear":
             out.update(fusion_levels=self.fusion_levels, fusion_dim=self.fusion_dim,
                        channel_attention=self.channel_attention)
         return out
@@ -93,7 +98,8 @@ class Architecture:
             raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
         return cls(name=str(d["name"]), num_classes=num_classes, head=str(d.get("head", "linear")),
                    drop_rate=float(d.get("drop_rate", 0.0)), fusion_levels=int(d.get("fusion_levels", 0)),
-                   fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)))
+                   fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)),
+                   levels=int(d.get("levels", 0)), flip_tta=bool(d.get("flip_tta", False)))
 
 
 @dataclass
@@ -128,14 +134,18 @@ class Artifact:
 def build_model(arch: Architecture) -> nn.Module:
     """An untrained network of the artifact's architecture (weights come from the artifact)."""
     from tl_deploy.backbones import create_model
-    from tl_deploy.heads import HEADS, create_fusion_model
+    from tl_deploy.heads import HEADS, create_fusion_model, create_multi_level_model
 
+    if arch.head == MULTI_LEVEL_HEAD:
+        return create_multi_level_model(arch.name, arch.num_classes, weights="none", levels=arch.levels,
+                                        flip_tta=arch.flip_tta)
     if arch.head == "attention-fusion":
         return create_fusion_model(arch.name, arch.num_classes, weights="none", drop_rate=arch.drop_rate,
                                    levels=arch.fusion_levels, dim=arch.fusion_dim,
                                    channel_attention=arch.channel_attention)
     if arch.head != "linear":
-        raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows {', '.join(HEADS)}.")
+        raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows "
+                            f"{', '.join([*HEADS, MULTI_LEVEL_HEAD])}.")
     return create_model(arch.name, num_classes=arch.num_classes, weights="none", drop_rate=arch.drop_rate)
 
 

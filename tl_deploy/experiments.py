@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-steps", default=d.probe_steps, help="steps of the probes on cached features")
     c.add_argument("--probe-lr", default=d.probe_lr, help="learning rate of the probes")
     c.add_argument("--eval-per-class", default=d.eval_per_class,
-                   help="score on this many test images per class (fixed, seed 0); 0: the whole test split")
+                   help="score on this many test images per class (fixed, seed 0); 0 or unset: the whole test split")
     cli.add_device(c)
     cli.add_threads(c, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     c.add_argument("--cache-dir", help="feature cache folder (default: $TL_DEPLOY_CACHE or ~/.cache/tl_deploy)")

@@ -5,6 +5,10 @@ function of (model, weights, preprocessing, image bytes). They are computed once
 the deterministic eval transform and stored as safetensors, keyed by a hash of all four; later epochs
 (and later runs) train the head on the cache and never run the backbone again.
 
+For the few-shot recipe the cache also holds several *views* of each image (``compute_view_features``):
+the image, its mirror image and random flips + affine transforms, (N, V, D) in one entry: feature
+augmentation computed once, so the head trains on V times as many rows without running the backbone.
+
 Under torchrun each process computes the features of its block of the images; the blocks are gathered
 once, rank 0 writes the cache, and a cache hit read by rank 0 is broadcast to the other ranks.
 """
@@ -17,18 +21,21 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from tl_deploy.backbones import feature_dim, pooled_features
-from tl_deploy.data import ImageDataset, Sample, eval_transform
+from tl_deploy.data import ImageDataset, Sample, Transform, eval_transform, train_transform
 from tl_deploy.fileio import atomic_path
-from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.preprocess import ImageInput, PreprocessSpec, load_and_resize, normalize
 from tl_deploy.train import distributed
 from tl_deploy.train.distributed import SINGLE, DistContext
 
 _logger = logging.getLogger(__name__)
+
+
 def samples_digest(samples: Sequence[Sample]) -> str:
     """Hash of the images' bytes and labels, in order: a changed or relabelled file changes it."""
     digest = hashlib.sha256()
@@ -49,12 +56,14 @@ def cache_key(model_id: str, spec: PreprocessSpec, samples: Sequence[Sample]) ->
 def _eval_outputs(
     module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], samples: Sequence[Sample],
     spec: PreprocessSpec, *, device: torch.device, batch_size: int, workers: int, desc: str,
+    transform: Transform | None = None,
 ) -> list[torch.Tensor]:
-    """``forward`` of every batch of images, ``module`` in eval mode, eval transform: float32 chunks."""
+    """``forward`` of every batch of images, ``module`` in eval mode, eval transform (or ``transform``):
+    float32 chunks."""
     was_training = module.training
     module.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(spec)), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, transform or eval_transform(spec)),
+                                         batch_size=batch_size, shuffle=False, num_workers=workers)
     chunks = []
     for x, _ in tqdm(loader, desc=desc, leave=False, disable=distributed.tqdm_disable()):
         x = x.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
@@ -91,6 +100,45 @@ def compute_activations(
     chunks = _eval_outputs(prefix, forward or prefix, samples, spec, device=device, batch_size=batch_size,
                            workers=workers, desc=desc)  # (B, C, h, w) each
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def mirror_transform(spec: PreprocessSpec) -> Transform:
+    """The eval transform of the horizontally mirrored image."""
+    from PIL import ImageOps
+
+    def transform(image: ImageInput) -> torch.Tensor:
+        mirrored = ImageOps.mirror(load_and_resize(image, spec))
+        return torch.from_numpy(normalize(np.asarray(mirrored, dtype=np.uint8), spec))  # (3, H, W)
+
+    return transform
+
+
+def view_transform(spec: PreprocessSpec, view: int) -> Transform:
+    """View 0: the image; view 1: its mirror image; views 2+: random flip + affine (``train_transform``)."""
+    if view == 0:
+        return eval_transform(spec)
+    return mirror_transform(spec) if view == 1 else train_transform(spec, augment=True)
+
+
+@torch.no_grad()
+def compute_view_features(
+    forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, samples: Sequence[Sample],
+    spec: PreprocessSpec, *, views: int, seed: int, device: torch.device, batch_size: int = 128,
+    desc: str = "views",
+) -> torch.Tensor:
+    """(N, V, D) features of ``views`` views of every image (``view_transform``), ``module`` in eval mode.
+
+    The random views are drawn from a generator seeded with ``seed`` and the view index, so the same
+    call gives the same features; the DataLoader runs in this process to keep that draw in order.
+    """
+    per_view = []
+    for view in range(views):
+        torch.manual_seed(seed * 1_000_003 + view)  # torchvision's random transforms draw from torch's generator
+        chunks = _eval_outputs(module, lambda x: forward(x).cpu(), samples, spec, device=device,
+                               batch_size=batch_size, workers=0, desc=f"{desc} {view + 1}/{views}",
+                               transform=view_transform(spec, view))  # (B, D) each
+        per_view.append(torch.cat(chunks) if chunks else torch.empty(0))
+    return torch.stack(per_view, dim=1)  # (N, V, D)
 
 
 def cached_features(

@@ -72,3 +72,32 @@ def train_probe(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, v
             best = {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best)
     return history
+
+
+def train_probe_steps(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, *, steps: int, lr: float,
+                      weight_decay: float, label_smoothing: float, seed: int, batch_size: int = 256,
+                      loss_weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """Train ``head`` on (N, D) features for exactly ``steps`` AdamW steps of random full batches (up to
+    ``batch_size`` rows), warm-up-free cosine decay; no validation. Returns the last step's loss and accuracy.
+
+    A count of steps, not epochs: with a few labelled images an epoch is one or two steps, and the
+    number of epochs that suits the whole data set would barely move the head.
+    """
+    opt = build_optimizer(head_param_groups(head, lr=lr, weight_decay=weight_decay), "adamw")
+    scheduler = warmup_cosine(opt, steps, 0)
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=label_smoothing)
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(batch_size, len(train_x))
+    loss, correct = torch.zeros(()), 0
+    head.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(train_x), generator=generator)[:batch]
+        logits = head(train_x[idx])  # (B, C)
+        loss = criterion(logits, train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        scheduler.step()
+        correct = int((logits.argmax(1) == train_y[idx]).sum())
+    head.eval()
+    return float(loss.detach()), correct / batch

@@ -42,6 +42,7 @@ from tl_deploy.train.checkpoint import Checkpointer, fingerprint, restore_checkp
 from tl_deploy.train.config import TrainConfig
 from tl_deploy.train.distributed import DistContext
 from tl_deploy.train.feature_cache import cached_features
+from tl_deploy.train.few_shot import few_shot_probe
 from tl_deploy.train.finetuning import finetune, score_cached_val
 from tl_deploy.train.loaders import default_workers, inverse_frequency
 from tl_deploy.train.loop import evaluate
@@ -178,6 +179,14 @@ def linear_probe(run: Run, network: nn.Module, cache: StageCache) -> None:
     """Train the head alone on the frozen backbone's features (cached on disk), then checkpoint."""
     cfg = run.cfg
     cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    few_shot = cfg.few_shot_choice()
+    if few_shot.active or cfg.limit_per_class is not None:
+        _logger.info("few-shot recipe %s: %s", "on" if few_shot.active else "off", few_shot.reason)
+    if few_shot.active:  # multi-level features of augmented views (tl_deploy.train.few_shot)
+        run.state.history.append(few_shot_probe(run, network, cache_dir))  # type: ignore[arg-type]
+        run.state.phase, run.state.epoch = "finetune", 0
+        run.ckpt.save(network, None, None, run.state)
+        return
     # onnxruntime's features differ from PyTorch's in the last float bits: cached apart.
     model_id = features_identity(cfg) + ("" if cache.runtime == "torch" else f"|{cache.runtime}")
     splits = {"train": run.train_samples, "val": run.splits.val}
@@ -314,6 +323,7 @@ def training_record(run: Run, cache: StageCache) -> dict[str, Any]:
             "workers_used": run.workers, "world_size": run.dist.world_size,
             "stages_trained": "all" if trained is None else trained,
             "frozen_stage_cache": cache.cut is not None, "cache_runtime_used": cache.runtime_used(),
+            "few_shot_used": cfg.few_shot_active, "few_shot_reason": cfg.few_shot_choice().reason,
             "train_images": len(run.train_samples),
             "val_images": len(run.splits.val), "test_images": len(run.splits.test),
             "skipped_images": [str(b) for b in run.splits.skipped]}

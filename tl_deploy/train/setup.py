@@ -14,7 +14,7 @@ from tl_deploy.artifact import Architecture
 from tl_deploy.backbones import EMBEDDED_WEIGHTS, create_model
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import check_output_folder, check_output_writable, sha256_file
-from tl_deploy.heads import create_fusion_model
+from tl_deploy.heads import DEFAULT_MULTI_LEVELS, MULTI_LEVEL_HEAD, create_fusion_model, create_multi_level_model
 from tl_deploy.train.config import TrainConfig
 
 DEFAULT_DATA = Path("data/animal-shape")
@@ -101,6 +101,8 @@ def features_identity(cfg: TrainConfig) -> str:
 
 def build_network(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The backbone with the chosen head, starting weights loaded."""
+    if cfg.few_shot_active:
+        return create_multi_level_model(cfg.model, num_classes, weights=cfg.weights)
     if cfg.head == "attention-fusion":
         return create_fusion_model(cfg.model, num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate,
                                    levels=cfg.fusion_levels, dim=cfg.fusion_dim,
@@ -110,6 +112,9 @@ def build_network(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def architecture(cfg: TrainConfig, num_classes: int) -> Architecture:
     """What the artifact records to rebuild the network."""
+    if cfg.few_shot_active:
+        return Architecture(name=cfg.model, num_classes=num_classes, head=MULTI_LEVEL_HEAD, drop_rate=0.0,
+                            levels=DEFAULT_MULTI_LEVELS, flip_tta=True)
     if cfg.head == "attention-fusion":
         return Architecture(name=cfg.model, num_classes=num_classes, head=cfg.head, drop_rate=cfg.drop_rate,
                             fusion_levels=cfg.fusion_levels, fusion_dim=cfg.fusion_dim,

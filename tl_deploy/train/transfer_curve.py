@@ -9,15 +9,18 @@ For each labelled-images-per-class budget ("shots") and seed, trains and tests:
 - ``linear``: a linear head on the frozen pretrained backbone, trained on cached features;
 - ``finetune``: all layers from the pretrained weights, new head;
 - ``lp-ft``: the linear probe above, then all layers;
-- ``fusion-linear`` / ``fusion-lp-ft``: the same two with the attention-fusion head (tl_deploy.heads).
+- ``fusion-linear`` / ``fusion-lp-ft``: the same two with the attention-fusion head (tl_deploy.heads);
+- ``few-shot``: the few-shot recipe of ``tl-deploy finetune --strategy linear --limit-per-class K``
+  (tl_deploy.train.few_shot) with its own defaults, at the budgets its rule covers (K <= 20): a linear
+  head on multi-level features of augmented views, flip TTA; views drawn once for every seed.
 
 The budget is the same for every method so the comparison is fair and cheap: probes take
 ``--probe-steps`` steps on cached features (the backbone runs once per image for all seeds and
 budgets), every run that trains the backbone takes exactly ``--steps`` optimisation steps of
 ``--batch-size`` images whatever the budget (no validation, no early stopping: a few-shot user has
-no labelled validation set). All runs are scored on the same fixed, class-balanced subset of the test
-split (``--eval-per-class``). Writes ``results.json`` (every run), ``table.md`` (mean and std of test
-accuracy) and ``curve.png`` to ``--out``.
+no labelled validation set). All runs are scored on the same test images: the whole test split, or
+a fixed, class-balanced subset of it (``--eval-per-class``). Writes ``results.json`` (every run),
+``table.md`` (mean and std of test accuracy) and ``curve.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -45,17 +48,26 @@ from tl_deploy.fileio import (
     check_output_folder,
     default_cache_dir,
 )
+from tl_deploy.heads import MultiLevelClassifier, create_multi_level_model
 from tl_deploy.reports import format_table
-from tl_deploy.train.config import TrainConfig
-from tl_deploy.train.feature_cache import cached_features
+from tl_deploy.train.config import FEW_SHOT_MAX_PER_CLASS, TrainConfig
+from tl_deploy.train.feature_cache import cached_features, compute_view_features
 from tl_deploy.train.loaders import make_loader
 from tl_deploy.train.loop import predict_logits, train_one_epoch
 from tl_deploy.train.optim import build_optimizer, finetune_param_groups, optimizer_kwargs, warmup_cosine
-from tl_deploy.train.setup import build_network, features_identity, resolve_data, resolve_device, seed_everything
+from tl_deploy.train.probe import train_probe_steps
+from tl_deploy.train.setup import (
+    build_network,
+    features_identity,
+    resolve_data,
+    resolve_device,
+    seed_everything,
+    weights_identity,
+)
 
 _logger = logging.getLogger(__name__)
 
-METHODS = ("scratch", "linear", "finetune", "lp-ft", "fusion-linear", "fusion-lp-ft")
+METHODS = ("scratch", "linear", "finetune", "lp-ft", "fusion-linear", "fusion-lp-ft", "few-shot")
 RESULTS_FORMAT = "tl_deploy.transfer-curve"  # marks results.json: a rerun may replace this folder
 PROBE_METHODS = {"linear": "linear", "fusion-linear": "attention-fusion"}
 TRAINED_METHODS = {"scratch": "linear", "finetune": "linear", "lp-ft": "linear", "fusion-lp-ft": "attention-fusion"}
@@ -71,7 +83,7 @@ class CurveConfig:
     shots: tuple[str, ...] = ("1", "5", "10", "50")  # labelled images per class; "all" = whole train split
     seeds: int = 3
     methods: tuple[str, ...] = METHODS
-    img_size: int = 64  # 28 px silhouettes lose nothing at 64 px; a third of the cost of 112 px
+    img_size: int = 112  # finetune's default input size: the curve describes the models users train
     steps: int = 20  # optimisation steps of every run that trains the backbone, whatever the budget
     batch_size: int = 16
     optimizer: str = "sgd"  # pretrained runs. 10 shots, val: SGD 1e-3 lp-ft 68.0%, AdamW 1e-3 27.7%, AdamW 1e-4 67.7%
@@ -80,7 +92,7 @@ class CurveConfig:
     scratch_lr: float = 3e-3  # AdamW, all layers of the scratch baseline (no pretrained features to protect)
     probe_steps: int = 300  # steps of the probes on cached features (full batches up to 256)
     probe_lr: float = 3e-3
-    eval_per_class: int | None = 30  # fixed test subset (seed 0); None: the whole test split
+    eval_per_class: int | None = None  # a fixed test subset (seed 0) of this many per class; None: the whole split
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     threads: int | None = None  # torch intra-op threads; 1 is fastest when other processes share the cores
     cache_dir: str | None = None
@@ -190,8 +202,12 @@ def transfer_curve(cc: CurveConfig) -> dict[str, Any]:
     _logger.info("transfer curve on %s: %d classes, shots %s, %d seeds, %d test images, methods %s", data_dir,
                  num_classes, ",".join(cc.shots), cc.seeds, len(test), ",".join(cc.methods))
 
+    few_shot = few_shot_features(cc, base, budgets, test, num_classes, device, cache_dir) \
+        if "few-shot" in cc.methods else None
+
     # Pretrained networks built once; each run starts from a copy (and a freshly seeded head).
-    heads_needed = {PROBE_METHODS.get(m) or TRAINED_METHODS[m] for m in cc.methods if m != "scratch"}
+    heads_needed = {PROBE_METHODS.get(m) or TRAINED_METHODS[m] for m in cc.methods
+                    if m not in ("scratch", "few-shot")}
     templates = {head: build_network(replace(base, head=head), num_classes).eval() for head in sorted(heads_needed)}
 
     # Frozen-backbone features of every image any budget uses, computed once per head kind.
@@ -213,7 +229,13 @@ def transfer_curve(cc: CurveConfig) -> dict[str, Any]:
             y = torch.tensor([label for _, label in subset])
             for method in cc.methods:
                 t0 = time.perf_counter()
-                acc = _run_one(method, cc, base, seed, num_classes, templates, feats, rows, y, subset, test, test_y)
+                if method == "few-shot":
+                    if few_shot is None or shot not in few_shot.shots:
+                        continue  # beyond the rule's budgets: finetune uses the plain probe there
+                    acc = few_shot.run(subset, y, seed, test_y)
+                else:
+                    acc = _run_one(method, cc, base, seed, num_classes, templates, feats, rows, y, subset, test,
+                                   test_y)
                 run = {"method": method, "shots": shot, "seed": seed, "train_images": len(subset),
                        "test_acc": acc, "seconds": round(time.perf_counter() - t0, 2)}
                 runs.append(run)
@@ -249,6 +271,58 @@ def _run_one(method: str, cc: CurveConfig, base: TrainConfig, seed: int, num_cla
         return float((logits.argmax(1) == test_y).float().mean())
     train_steps(model, subset, cfg, cc.steps)
     return score(model, test, cfg)
+
+
+@dataclass
+class FewShotFeatures:
+    """The few-shot recipe's cached features: views of every training image of its budgets, and the test
+    images' features averaged with their mirror images' (the network's flip TTA)."""
+
+    shots: tuple[str, ...]  # the budgets the few-shot rule covers
+    template: MultiLevelClassifier
+    train: torch.Tensor  # (N, V, D)
+    row_of: dict[Sample, int]
+    test: torch.Tensor  # (N_test, D)
+    recipe: TrainConfig  # the finetune defaults the recipe trains with
+
+    def run(self, subset: Sequence[Sample], y: torch.Tensor, seed: int, test_y: torch.Tensor) -> float:
+        rows = torch.tensor([self.row_of[s] for s in subset])
+        views = self.train.shape[1]
+        torch.manual_seed(seed)
+        head = copy.deepcopy(self.template.head)
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        r = self.recipe
+        train_probe_steps(head, self.train[rows].flatten(0, 1), y.repeat_interleave(views), steps=r.few_shot_steps,
+                          lr=r.probe_lr, weight_decay=r.weight_decay, label_smoothing=r.label_smoothing, seed=seed)
+        with torch.no_grad():
+            logits = head(self.test)  # (N_test, C)
+        return float((logits.argmax(1) == test_y).float().mean())
+
+
+def few_shot_features(cc: CurveConfig, base: TrainConfig, budgets: dict[str, dict[int, list[Sample]]],
+                      test: list[Sample], num_classes: int, device: torch.device,
+                      cache_dir: Path) -> FewShotFeatures:
+    """The views and test features of the few-shot recipe, computed once (and cached on disk)."""
+    recipe = TrainConfig()
+    shots = tuple(s for s in cc.shots if s != "all" and int(s) <= FEW_SHOT_MAX_PER_CLASS)
+    union = sorted({s for shot in shots for subset in budgets[shot].values() for s in subset},
+                   key=lambda s: (s[1], str(s[0])))
+    template = create_multi_level_model(cc.model, num_classes, weights=cc.weights).eval()
+    identity = f"{weights_identity(cc.model, cc.weights, 0)}|multi-level:{template.levels}"
+    spec = base.spec()
+
+    def views_of(samples: list[Sample], views: int, desc: str) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            return compute_view_features(template.pooled_levels, template, samples, spec, views=views, seed=0,
+                                         device=device, desc=desc)
+
+        return cached_features(template, f"{identity}|views:{views}:0", samples, spec, device=device,
+                               cache_dir=cache_dir, desc=desc, compute=compute)
+
+    train = views_of(union, recipe.few_shot_views, "few-shot train views") if union else torch.empty(0)
+    test_feats = views_of(test, 2, "few-shot test views").mean(dim=1)  # the image and its mirror image
+    return FewShotFeatures(shots, template, train, {s: i for i, s in enumerate(union)}, test_feats, recipe)
 
 
 def _reset_head(model: nn.Module, seed: int) -> None:
