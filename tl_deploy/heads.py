@@ -70,27 +70,16 @@ class AttentionFusionHead(nn.Module):
         return self.fc(self.drop(fused))  # type: ignore[no-any-return]  # (B, num_classes)
 
 
-class FusionClassifier(nn.Module):
-    """A timm backbone (classifier removed) with an :class:`AttentionFusionHead` over its last levels."""
+class _LevelsClassifier(nn.Module):
+    """A timm backbone as ``self.backbone`` and a head over its pooled levels as ``self.head``: the
+    timm-style interface (``forward_head``, ``get_classifier``, ``group_matcher``) both level models share.
+    Subclasses define ``forward_features``."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, levels: int = DEFAULT_FUSION_LEVELS,
-                 dim: int = DEFAULT_FUSION_DIM, channel_attention: bool = True, drop_rate: float = 0.2) -> None:
-        super().__init__()
-        stage_channels = [int(info["num_chs"]) for info in backbone.feature_info]  # type: ignore[union-attr]
-        if not 2 <= levels <= len(stage_channels) + 1:
-            raise ModelError(f"Invalid --fusion-levels {levels}: this backbone offers 2..{len(stage_channels) + 1} "
-                             "levels (its stages plus the final features).")
-        self.backbone = backbone
-        self.levels = levels
-        self.level_dims = [*stage_channels[len(stage_channels) - (levels - 1):], int(backbone.num_features)]  # type: ignore[arg-type]
-        self.num_features = sum(self.level_dims)
-        self.num_classes = num_classes
-        self.head = AttentionFusionHead(self.level_dims, num_classes, dim, channel_attention, drop_rate)
+    backbone: nn.Module
+    head: nn.Module
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, sum C_k): every level's feature map, globally average-pooled."""
-        final, stages = self.backbone.forward_intermediates(x, indices=self.levels - 1)  # type: ignore[operator]
-        return torch.cat([fmap.mean(dim=(2, 3)) for fmap in [*stages, final]], dim=1)
+        raise NotImplementedError
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)  # type: ignore[no-any-return]
@@ -115,6 +104,29 @@ class FusionClassifier(nn.Module):
         return ordinal
 
 
+class FusionClassifier(_LevelsClassifier):
+    """A timm backbone (classifier removed) with an :class:`AttentionFusionHead` over its last levels."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, levels: int = DEFAULT_FUSION_LEVELS,
+                 dim: int = DEFAULT_FUSION_DIM, channel_attention: bool = True, drop_rate: float = 0.2) -> None:
+        super().__init__()
+        stage_channels = [int(info["num_chs"]) for info in backbone.feature_info]  # type: ignore[union-attr]
+        if not 2 <= levels <= len(stage_channels) + 1:
+            raise ModelError(f"Invalid --fusion-levels {levels}: this backbone offers 2..{len(stage_channels) + 1} "
+                             "levels (its stages plus the final features).")
+        self.backbone = backbone
+        self.levels = levels
+        self.level_dims = [*stage_channels[len(stage_channels) - (levels - 1):], int(backbone.num_features)]  # type: ignore[arg-type]
+        self.num_features = sum(self.level_dims)
+        self.num_classes = num_classes
+        self.head = AttentionFusionHead(self.level_dims, num_classes, dim, channel_attention, drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, sum C_k): every level's feature map, globally average-pooled."""
+        final, stages = self.backbone.forward_intermediates(x, indices=self.levels - 1)  # type: ignore[operator]
+        return torch.cat([fmap.mean(dim=(2, 3)) for fmap in [*stages, final]], dim=1)
+
+
 def create_fusion_model(name: str, num_classes: int, weights: str = "embedded", drop_rate: float = 0.2,
                         levels: int = DEFAULT_FUSION_LEVELS, dim: int = DEFAULT_FUSION_DIM,
                         channel_attention: bool = True) -> FusionClassifier:
@@ -136,7 +148,7 @@ def _out_channels(block: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-class MultiLevelClassifier(nn.Module):
+class MultiLevelClassifier(_LevelsClassifier):
     """A timm EfficientNet-family backbone with one linear head over the pooled outputs of its last blocks.
 
     ``forward_features`` average-pools the outputs of the last ``levels - 1`` blocks and the final
@@ -187,19 +199,6 @@ class MultiLevelClassifier(nn.Module):
             return self.pooled_levels(x)
         both = self.pooled_levels(torch.cat([x, x.flip(3)]))  # (2B, D): the images, then their mirror images
         return both.reshape(2, -1, self.num_features).mean(dim=0)  # (B, D)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)  # type: ignore[no-any-return]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))  # type: ignore[no-any-return]
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def group_matcher(self, coarse: bool = False) -> Any:
-        """timm's layer grouping of the backbone; the head last."""
-        return FusionClassifier.group_matcher(self, coarse)  # type: ignore[arg-type]
 
 
 def create_multi_level_model(name: str, num_classes: int, weights: str = "embedded",
