@@ -290,6 +290,7 @@ class FewShotFeatures:
         views = self.train.shape[1]
         torch.manual_seed(seed)
         head = copy.deepcopy(self.template.head)
+        assert isinstance(head, nn.Linear)  # the multi-level model's head is linear
         nn.init.trunc_normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
         r = self.recipe
