@@ -3,9 +3,12 @@ from the graph, labels, preprocessing parameters, refusals, atomicity, same logi
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -218,3 +221,100 @@ def test_cli_exports_then_reuses_a_current_export(tiny_artifact: Path, tmp_path:
     # another opset than the one recorded makes the folder stale: exported again
     assert main([str(tiny_artifact), "--out", str(out), "--opset", "18", "--triton", str(tmp_path / "repo2")]) == 0
     assert "is current" not in capsys.readouterr().out
+
+
+class _FakeTritonHttp(ModuleType):
+    """A stand-in for ``tritonclient.http`` answering from a repository folder with onnxruntime, in
+    Triton's formats: the config as JSON, the classification extension's b"score:index:label"."""
+
+    def __init__(self, repository: Path, pb2: ModuleType) -> None:
+        super().__init__("tritonclient.http")
+        from google.protobuf import json_format
+
+        dtypes = {"FP32": np.float32, "UINT8": np.uint8}
+
+        class InferInput:
+            def __init__(self, name: str, shape: list[int], datatype: str) -> None:
+                self.name, self.shape, self.datatype = name, shape, datatype
+
+            def set_data_from_numpy(self, data: np.ndarray) -> None:
+                assert list(data.shape) == self.shape and data.dtype == dtypes[self.datatype]
+                self.data = data
+
+        class InferRequestedOutput:
+            def __init__(self, name: str, class_count: int = 0) -> None:
+                self.name, self.class_count = name, class_count
+
+        class InferenceServerClient:
+            def __init__(self, url: str) -> None:
+                self.url = url
+
+            def get_model_config(self, model: str) -> dict[str, Any]:
+                config = parse_config(repository / model / "config.pbtxt", pb2)
+                return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+            def infer(self, model: str, inputs: list[InferInput], outputs: list[InferRequestedOutput]) -> Any:
+                config = parse_config(repository / model / "config.pbtxt", pb2)
+                (inp,), (out,) = inputs, outputs
+                assert inp.name == config.input[0].name and len(inp.shape) == len(config.input[0].dims) + 1
+                assert pb2.DataType.Name(config.input[0].data_type) == f"TYPE_{inp.datatype}"
+                session = ort.InferenceSession(str(repository / model / "1" / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+                (logits,) = session.run([out.name], {inp.name: inp.data})
+                labels = (repository / model / config.output[0].label_filename).read_text().splitlines()
+                rows = [[f"{row[i]:f}:{i}:{labels[i]}".encode() for i in np.argsort(-row)[:out.class_count]]
+                        for row in logits]
+                return type("InferResult", (), {"as_numpy": lambda self, name: np.array(rows, dtype=object)})()
+
+        self.InferInput, self.InferRequestedOutput = InferInput, InferRequestedOutput
+        self.InferenceServerClient = InferenceServerClient
+
+
+def _client_example() -> str:
+    text = (Path(__file__).parent.parent / "docs" / "triton.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp32-uint8"])
+def test_docs_client_example_reads_top_k_labels(variant: str, repository: Path, export_dir: Path, tiny_data: Path,
+                                                model_config_pb2: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from tl_deploy.preprocess import prepare
+
+    images = sorted((tiny_data / "test").rglob("*.png"))[:3]
+    assert images
+    code = _client_example()
+    constants = next(line for line in code.splitlines() if line.startswith("URL, MODEL, IMAGES, TOP_K ="))
+    code = code.replace(constants, f"URL, MODEL, IMAGES, TOP_K = 'fake:8000', 'tiny-{variant}', "
+                                   f"{[str(p) for p in images]!r}, 2")
+    if variant == "fp32-uint8":  # the substitution the docs give for the baked model
+        code = code.replace("prepare(", "prepare_uint8(").replace('"FP32"', '"UINT8"')
+        code = code.replace("import PreprocessSpec, prepare", "import PreprocessSpec, prepare_uint8")
+    monkeypatch.setitem(sys.modules, "tritonclient.http",
+                        _FakeTritonHttp(repository, model_config_pb2))
+    exec(compile(code, "docs/triton.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    spec = PreprocessSpec.from_dict(read_json(export_dir / EXPORT_MANIFEST)["metadata"]["preprocess"])
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": np.stack([prepare(p, spec) for p in images])})
+    assert len(printed) == len(images)
+    for line, path, row in zip(printed, images, logits):
+        assert line.startswith(f"{path} ")
+        top = ast.literal_eval(line[len(f"{path} "):])  # [(label, score), ...], best first
+        assert [label for label, _ in top] == [TINY_CLASSES[i] for i in np.argsort(-row)[:2]]
+        np.testing.assert_allclose([score for _, score in top], np.sort(row)[::-1][:2], atol=1e-3)
+
+
+def test_readme_client_example_runs(repository: Path, tiny_data: Path, model_config_pb2: ModuleType,
+                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = next(block.split("```", 1)[0] for block in readme.split("```python\n")[1:] if "tritonclient" in block)
+    image = sorted((tiny_data / "test").rglob("*.png"))[0]
+    code = code.replace('"animal-shape-efficientnet_lite0-lp-ft-fp32"', "'tiny-fp32'")
+    code = code.replace('["cat.png"]', repr([str(image)])).replace("class_count=3", "class_count=2")
+    monkeypatch.setitem(sys.modules, "tritonclient.http", _FakeTritonHttp(repository, model_config_pb2))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    entries = re.findall(r"b'(-?[\d.]+):(\d+):(\w+)'", printed)  # the (1, 2) array of b"logit:index:label"
+    assert len(entries) == 2 and float(entries[0][0]) >= float(entries[1][0])
+    assert all(TINY_CLASSES[int(index)] == label for _, index, label in entries)
