@@ -178,7 +178,7 @@ def test_nothing_half_written_on_failure(export_dir: Path, tmp_path: Path, monke
             raise OSError("disk full")
         shutil.copy2(source, dest)
 
-    monkeypatch.setattr(triton, "_link_or_copy", failing_copy)
+    monkeypatch.setattr(triton, "_copy", failing_copy)
     with pytest.raises(OSError, match="disk full"):
         write_triton_repository(export_dir, tmp_path / "repo")
     assert list(tmp_path.iterdir()) == []  # neither the repository nor its temporary folder

@@ -218,8 +218,10 @@ def write_triton(export_dir: Path, args: argparse.Namespace) -> int:
     from tl_deploy.export.triton import write_triton_repository
 
     models = write_triton_repository(export_dir, args.triton, force=args.force, verify=args.verify)
+    width = max(len(model.name) for model in models)
     for model in models:
-        print(f"  {model.name:<28} {model.backend:<12} max_batch_size {model.max_batch_size}  <- {model.source}")
+        print(f"  {model.name:<{width}}  {model.backend:<11}  max_batch_size {model.max_batch_size:<3}  "
+              f"<- {model.source}")
     print(f"wrote Triton model repository {args.triton}/ ({len(models)} models)")
     return EXIT_OK
 

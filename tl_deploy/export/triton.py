@@ -8,7 +8,7 @@ One Triton model per exported file, named ``<run>-<variant>``::
     DIR/<run>-int8/...                 model.int8.onnx (QDQ); <run>-int8-cpu: model.int8.cpu.onnx
     DIR/<run>-fp32-uint8/...           model.preprocess.onnx: clients send uint8 NHWC images
     DIR/<run>-trt-fp32/1/model.plan    backend tensorrt, for each engine of the export
-    DIR/tl_deploy_triton.json          marks the repository as written by tl_deploy (Triton ignores files here)
+    DIR/tl_deploy_triton.json          marks the repository as tl_deploy's (Triton indexes subfolders only)
 
 Names, dtypes and dims come from the ONNX graph (the batch dimension dropped); ``max_batch_size``
 from the engine's optimization profile, or for ONNX files from the export's TensorRT profile when
@@ -228,12 +228,10 @@ def config_pbtxt(model: TritonModel) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    """A hardlink where the file system allows one (no second copy of the weights), else a copy."""
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
+def _copy(source: Path, dest: Path) -> None:
+    """A copy, not a hardlink: the repository's file modes are set when it is moved into place, and a
+    shared inode would change the export's file too (and an edit of either would change both)."""
+    shutil.copyfile(source, dest)
 
 
 def _resolved(path: Path) -> Path:
@@ -283,14 +281,14 @@ def write_triton_repository(export_dir: str | os.PathLike[str], out: str | os.Pa
             folder = tmp / model.name
             (folder / MODEL_VERSION).mkdir(parents=True)
             source = export_file(export_dir, model.source, manifest, verify=False)  # verified by the plan
-            _link_or_copy(source, folder / MODEL_VERSION / model.model_file)
+            _copy(source, folder / MODEL_VERSION / model.model_file)
             atomic_write_text(folder / "config.pbtxt", config_pbtxt(model))
             atomic_write_text(folder / LABELS_FILE, labels)
         atomic_write_json(tmp / REPOSITORY_MARKER, {
             "format": REPOSITORY_FORMAT, "format_version": 1, "export": str(export_dir),
             "models": {m.name: m.source for m in models},
         })
-    _logger.info("wrote Triton model repository %s (%s)", out, ", ".join(m.name for m in models))
+    _logger.debug("wrote Triton model repository %s (%s)", out, ", ".join(m.name for m in models))
     return models
 
 
