@@ -167,6 +167,9 @@ def test_refuses_a_foreign_folder_and_ours_without_force(export_dir: Path, tmp_p
     assert not (ours / "tiny-fp32" / "stale").exists()
     with pytest.raises(OutputError, match="overlaps the export folder"):
         write_triton_repository(export_dir, export_dir / "triton")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="Cannot write to"):  # refused before any file is read
+        write_triton_repository(export_dir, tmp_path / "a-file" / "repo")
 
 
 def test_nothing_half_written_on_failure(export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

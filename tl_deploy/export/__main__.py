@@ -97,7 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write a Triton model repository of the export at DIR (reuses a current export; "
                         "MODEL_DIR may be an export folder)")
     g.add_argument("--force", action="store_true", help="replace an earlier Triton repository at --triton DIR")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the artifact checksum check (with --triton, also the export files' check)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration and check image pick")
     add_verbose(p)
     return p

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_deploy.errors import ArtifactError, OutputError
-from tl_deploy.fileio import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from tl_deploy.fileio import atomic_dir, atomic_write_json, atomic_write_text, check_output_writable, read_json
 from tl_deploy.formats.engine_sidecar import read_sidecar
 from tl_deploy.formats.export_manifest import export_file, listed_files, read_export_manifest
 from tl_deploy.formats.metadata import OnnxMetadata
@@ -245,6 +245,7 @@ def check_repository_dir(out: Path, export_dir: Path, *, force: bool) -> None:
         raise OutputError(f"--triton {out} overlaps the export folder {export_dir}: choose a folder outside it.")
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"--triton {out} is a file, not a folder: choose a new folder.")
+    check_output_writable(out, option="--triton")
     if not dest.is_dir() or not any(dest.iterdir()):
         return
     if not is_repository(dest):
