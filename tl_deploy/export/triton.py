@@ -41,6 +41,7 @@ from tl_deploy.formats.names import (
     FP32_FILE,
     INT8_CPU_FILE,
     INT8_FILE,
+    ONNX_SUFFIX,
     UINT8_NHWC,
 )
 
@@ -49,6 +50,8 @@ _logger = logging.getLogger(__name__)
 REPOSITORY_MARKER = "tl_deploy_triton.json"  # its presence makes a folder a repository tl_deploy wrote
 REPOSITORY_FORMAT = "tl_deploy.triton"
 LABELS_FILE = "labels.txt"
+# Triton's default model file name per backend (default_model_filename): model.onnx, model.plan
+SERVED_FILES = {"onnxruntime": f"model{ONNX_SUFFIX}", "tensorrt": "model.plan"}
 MODEL_VERSION = "1"  # Triton serves numbered version folders; an export is one version
 DEFAULT_MAX_BATCH = 32  # the export's default TensorRT profile max, when the manifest records none
 MAX_QUEUE_DELAY_US = 1000  # dynamic batching waits at most 1 ms to fill a batch
@@ -78,7 +81,7 @@ class TritonModel:
     name: str  # Triton model name, <run>-<variant>
     source: str  # file name inside the export folder
     backend: str  # "onnxruntime" or "tensorrt"
-    model_file: str  # model.onnx or model.plan
+    model_file: str  # Triton's default file name for the backend (SERVED_FILES)
     max_batch_size: int  # 0: the graph has a fixed batch dimension, no batching by Triton
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -147,7 +150,7 @@ def plan_repository(export_dir: Path, manifest: Mapping[str, Any], run: str, *,
             layout = str(entry.get("input_layout", metadata.input_layout))
             models.append(TritonModel(
                 name=model_name(run, ONNX_VARIANTS[name]), source=name, backend="onnxruntime",
-                model_file="model.onnx", max_batch_size=0 if batch else _profile_max(manifest),
+                model_file=SERVED_FILES["onnxruntime"], max_batch_size=0 if batch else _profile_max(manifest),
                 inputs=tuple(inputs) if batch is None else _with_batch(inputs, batch),
                 outputs=tuple(outputs) if batch is None else _with_batch(outputs, batch),
                 metadata=metadata.replace(input_layout=layout, precision=str(entry.get("precision", "fp32"))),
@@ -162,7 +165,7 @@ def plan_repository(export_dir: Path, manifest: Mapping[str, Any], run: str, *,
             precision = str(entry.get("precision", "fp32"))
             models.append(TritonModel(
                 name=model_name(run, f"trt-{precision}"), source=name, backend="tensorrt",
-                model_file="model.plan", max_batch_size=int(profile.get("max", _profile_max(manifest))),
+                model_file=SERVED_FILES["tensorrt"], max_batch_size=int(profile.get("max", _profile_max(manifest))),
                 inputs=tuple(inputs), outputs=tuple(outputs), metadata=metadata.replace(precision=precision),
                 kind="KIND_GPU"))
     if not models:
