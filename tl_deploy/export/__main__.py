@@ -23,15 +23,18 @@ from tl_deploy.cli import (
     run_cli,
 )
 from tl_deploy.errors import ArtifactError, DataError, UsageError
+from tl_deploy.formats.export_manifest import is_export_folder
 from tl_deploy.formats.names import EXPORT_MANIFEST
 
 if TYPE_CHECKING:
+    from tl_deploy.export import ExportOptions
     from tl_deploy.export.tensorrt import BatchProfile
 
 INT8_ONLY = ("calib_samples", "calib_method", "int8_cpu")  # used only with --int8
 TRT_ONLY = ("trt_profile", "workspace_gb", "timing_cache", "device")  # used only with --trt
 # --calib-data also feeds the FP16 and engine checks, --seed picks those images too
 CHECK_IMAGES = ("calib_data", "seed")
+REPOSITORY_ONLY = ("model_dir", "triton", "force", "verify", "verbose")  # all an export folder's --triton uses
 
 
 def _quiet_onnxruntime_quantizer(record: logging.LogRecord) -> bool:
@@ -89,7 +92,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="timing cache file reused across builds (default: <out>/../trt_timing.cache)")
     g.add_argument("--device", type=cuda_index, default=0, metavar="N",
                    help="CUDA device index to build and check the engines on (N or cuda:N)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the artifact checksum check")
+    g = p.add_argument_group("Triton Inference Server")
+    g.add_argument("--triton", type=Path, default=None, metavar="DIR",
+                   help="also write a Triton model repository of the export at DIR (reuses a current export; "
+                        "MODEL_DIR may be an export folder)")
+    g.add_argument("--force", action="store_true", help="replace an earlier Triton repository at --triton DIR")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the artifact checksum check (with --triton, also the export files' check)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration and check image pick")
     add_verbose(p)
     return p
@@ -111,6 +120,9 @@ def refuse_no_ops(args: argparse.Namespace) -> None:
                                               "images, and the FP32 file needs none): add one or drop it")
     if not args.trt:
         refuse_unused(args, TRT_ONLY, "without --trt (no TensorRT engine is built): add --trt or drop it")
+    if args.triton is None:
+        refuse_unused(args, ("force",), "without --triton (no Triton repository is written): add --triton DIR "
+                                        "or drop it")
 
 
 def resolve_opset(args: argparse.Namespace) -> int:
@@ -159,12 +171,59 @@ def export(args: argparse.Namespace) -> int:
         batch=parse_trt_profile(args), workspace_gb=args.workspace_gb,
         timing_cache=args.timing_cache, device=args.device, verify=args.verify, seed=args.seed,
     )
+    if args.triton is not None and is_export_folder(args.model_dir):
+        refuse_unused(args, [d for d in vars(args) if d not in REPOSITORY_ONLY and not d.startswith("_")],
+                      f"when MODEL_DIR is an export folder (its {EXPORT_MANIFEST}: nothing is exported, its files "
+                      "go into the Triton repository): drop it, or pass the model artifact folder")
+        return write_triton(args.model_dir, args)
     if not args.model_dir.is_dir():
         raise ArtifactError(f"Model artifact folder not found: {args.model_dir}. Run tl-deploy finetune first.")
     out = args.out or Path("export") / args.model_dir.resolve().name
+    if args.triton is not None:
+        from tl_deploy.export.triton import check_repository_dir, export_is_current
+
+        check_repository_dir(args.triton, out, force=args.force)
+        if export_is_current(args.model_dir, out, expected_files(options), expected_options(options)):
+            print(f"{out}/ is current for {args.model_dir}: reused, not exported again")
+            return write_triton(out, args)
     rows = export_artifact(args.model_dir, out, options)
     print(format_table(rows))
     print(f"wrote {out}/ ({EXPORT_MANIFEST} lists the files)")
+    return write_triton(out, args) if args.triton is not None else EXIT_OK
+
+
+def expected_files(options: ExportOptions) -> list[str]:
+    """The files an export with ``options`` writes (what a reused export folder must hold)."""
+    from tl_deploy.formats.names import BAKED_FILE, FP16_FILE, FP32_FILE, INT8_CPU_FILE, INT8_FILE, engine_file
+
+    files = [FP32_FILE] + [BAKED_FILE] * options.bake_preprocess + [FP16_FILE] * options.fp16
+    files += [INT8_FILE] * options.int8 + [INT8_CPU_FILE] * (options.int8 and options.int8_cpu)
+    if options.trt:
+        files += [engine_file(p) for p, asked in (("int8", options.int8), ("fp16", options.fp16),
+                                                  ("fp32", not (options.int8 or options.fp16))) if asked]
+    return files
+
+
+def expected_options(options: ExportOptions) -> dict[str, object]:
+    """The export.json options a reused export folder must record."""
+    recorded: dict[str, object] = {"opset": options.opset, "exporter": options.exporter}
+    if options.int8:
+        recorded["calib_method"] = options.calib_method
+    if options.trt:
+        recorded["batch"] = str(options.batch)
+    return recorded
+
+
+def write_triton(export_dir: Path, args: argparse.Namespace) -> int:
+    """Write the Triton model repository of ``export_dir`` at ``--triton DIR`` and list its models."""
+    from tl_deploy.export.triton import write_triton_repository
+
+    models = write_triton_repository(export_dir, args.triton, force=args.force, verify=args.verify)
+    width = max(len(model.name) for model in models)
+    for model in models:
+        print(f"  {model.name:<{width}}  {model.backend:<11}  max_batch_size {model.max_batch_size:<3}  "
+              f"<- {model.source}")
+    print(f"wrote Triton model repository {args.triton}/ ({len(models)} models)")
     return EXIT_OK
 
 
