@@ -64,6 +64,15 @@ def test_csv_and_parquet_hold_the_same_rows(model: Path, tiny_data: Path, tmp_pa
         np.testing.assert_allclose([g[2] for g in got], [r["probabilities"] for r in reference], rtol=1e-4)
 
 
+def test_decoding_inline_or_in_a_pool_gives_the_same_rows(model: Path, tiny_data: Path, tmp_path: Path,
+                                                          reference: list[dict]) -> None:
+    for workers in ("0", "3"):
+        out = tmp_path / f"w{workers}.jsonl"
+        assert main([str(model), str(tiny_data / "test"), "--out", str(out), "--top-k", "2", "--batch-size", "5",
+                     "--threads", "2", "--workers", workers, "--no-progress"]) == 0
+        assert [json.loads(line) for line in out.read_text().splitlines()] == reference
+
+
 def test_unreadable_images_get_an_error_row_and_are_counted(model: Path, tiny_data: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "mixed"

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tl_deploy.cli import (
+    COUNT,
     EXIT_OK,
     POSITIVE_INT,
     add_threads,
@@ -53,7 +54,7 @@ _logger = logging.getLogger(__name__)
 FORMATS = (".csv", ".jsonl", ".parquet")
 APPENDABLE = (".csv", ".jsonl")
 DEFAULT_BATCH = 32  # images per inference call when the backend sets no limit of its own
-PREFETCH_BATCHES = 2  # batches decoded ahead of the one being inferred
+PREFETCH_BATCHES = 2  # batches decoded ahead of the one being inferred (at least; one per worker)
 OUTPUT_FREE_BYTES = 16 * 2**20
 _GLOB_CHARS = frozenset("*?[")
 INTERRUPTED = "interrupted; the rows of every finished batch are in the output: add --resume to continue."
@@ -301,85 +302,105 @@ class Summary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def _decode(path: Path, spec: Any) -> np.ndarray | DataError:
-    try:
-        return prepare(path, spec)  # (3, H, W) float32, what Classifier.infer takes
-    except DataError as exc:
-        return exc
+@dataclass(frozen=True)
+class DecodedBatch:
+    """One batch of inputs, decoded and preprocessed: the readable images stacked, the others' errors."""
+
+    paths: list[Path]
+    images: np.ndarray | None  # (N, 3, H, W) float32 of the readable paths, in order; None if none is
+    errors: dict[int, DataError]  # index in ``paths`` -> why that image could not be read
 
 
-def predict_batch(classifier: Any, paths: Sequence[Path], arrays: Sequence[np.ndarray | DataError],
-                  top_k: int) -> list[Row]:
+def decode_batch(paths: list[Path], spec: Any) -> DecodedBatch:
+    """``preprocess.prepare`` on every path (the float input ``Classifier.infer`` takes), stacked."""
+    arrays: list[np.ndarray] = []
+    errors: dict[int, DataError] = {}
+    for i, path in enumerate(paths):
+        try:
+            arrays.append(prepare(path, spec))  # (3, H, W)
+        except DataError as exc:
+            errors[i] = exc
+    return DecodedBatch(paths, np.stack(arrays) if arrays else None, errors)
+
+
+def predict_batch(classifier: Any, batch: DecodedBatch, top_k: int) -> list[Row]:
     """One row per path: top-k of the decoded images, the error line of those that could not be read."""
     from tl_deploy.runtime import softmax
 
-    good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
-    rows: dict[int, Row] = {}
-    if good:
-        batch = np.stack([a for a in arrays if isinstance(a, np.ndarray)])  # (N, 3, H, W)
-        probs = softmax(classifier.infer(batch))  # (N, C)
+    backend, precision = classifier.backend_name, classifier.precision
+    rows = [Row(str(p), backend=backend, precision=precision, error=str(batch.errors[i]))
+            if i in batch.errors else None for i, p in enumerate(batch.paths)]
+    if batch.images is not None:
+        probs = softmax(classifier.infer(batch.images))  # (N, C)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
         names = classifier.class_names
+        good = [i for i in range(len(batch.paths)) if i not in batch.errors]
         for row, i in enumerate(good):
-            rows[i] = Row(str(paths[i]), tuple(names[j] for j in order[row]),
-                          tuple(float(probs[row, j]) for j in order[row]), classifier.backend_name,
-                          classifier.precision)
-    for i, a in enumerate(arrays):
-        if isinstance(a, DataError):
-            rows[i] = Row(str(paths[i]), backend=classifier.backend_name, precision=classifier.precision,
-                          error=str(a))
-    return [rows[i] for i in range(len(paths))]
+            rows[i] = Row(str(batch.paths[i]), tuple(names[j] for j in order[row]),
+                          tuple(float(probs[row, j]) for j in order[row]), backend, precision)
+    return [r for r in rows if r is not None]
 
 
-def _batches(paths: Sequence[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(paths), size):
-        yield list(paths[start:start + size])
+def decoded_batches(paths: Sequence[Path], spec: Any, batch_size: int,
+                    workers: int) -> Generator[DecodedBatch, None, None]:
+    """The inputs decoded in batches of ``batch_size``, in order.
+
+    ``workers`` > 0: a thread pool decodes whole batches ahead of the one handed out (at least
+    ``PREFETCH_BATCHES``, and one per worker), so decoding overlaps inference (onnxruntime, OpenVINO and
+    TensorRT release the GIL while they compute). 0: each batch is decoded when it is asked for, on the
+    calling thread (no overlap; docs/predict.md compares the two).
+    """
+    chunks = (list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+    if workers == 0:
+        for chunk in chunks:
+            yield decode_batch(chunk, spec)
+        return
+    pending: deque[Future[DecodedBatch]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        def submit_next() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending.append(pool.submit(decode_batch, chunk, spec))
+
+        try:
+            for _ in range(max(PREFETCH_BATCHES, workers) + 1):
+                submit_next()
+            while pending:
+                future = pending.popleft()
+                submit_next()
+                yield future.result()
+        finally:  # stopped early (an error, --on-bad-image fail, Ctrl-C): drop the decoding ahead
+            for future in pending:
+                future.cancel()
 
 
 def run_predictions(classifier: Any, paths: Sequence[Path], writer: RowWriter, *, top_k: int, batch_size: int,
                     workers: int, fail_on_bad: bool = False, progress: bool = True) -> Summary:
-    """Decode ``paths`` in a thread pool, infer batch by batch, hand each batch's rows to ``writer``.
+    """Decode ``paths`` (``decoded_batches``), infer batch by batch, hand each batch's rows to ``writer``.
 
-    Decoding runs ``PREFETCH_BATCHES`` batches ahead of inference (onnxruntime and OpenVINO release
-    the GIL while they compute). ``fail_on_bad``: raise the first unreadable image's ``DataError``
-    before writing its batch (the batches before it are kept).
+    ``fail_on_bad``: raise the first unreadable image's ``DataError`` before writing its batch (the
+    batches before it are kept).
     """
     from tqdm import tqdm
 
     summary = Summary()
     start = time.perf_counter()
-    spec = classifier.spec
-    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
-    pending: deque[tuple[list[Path], list[Future[np.ndarray | DataError]]]] = deque()
-    chunks = _batches(paths, batch_size)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        def submit_next() -> None:
-            chunk = next(chunks, None)
-            if chunk is not None:
-                pending.append((chunk, [pool.submit(_decode, p, spec) for p in chunk]))
-
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
+        batches = decoded_batches(paths, classifier.spec, batch_size, workers)
         try:
-            for _ in range(PREFETCH_BATCHES + 1):
-                submit_next()
-            while pending:
-                chunk, futures = pending.popleft()
-                submit_next()
-                arrays = [f.result() for f in futures]
-                bad = next((a for a in arrays if isinstance(a, DataError)), None)
+            for batch in batches:
+                bad = next(iter(batch.errors.values()), None)
                 if fail_on_bad and bad is not None:
                     raise DataError(f"{bad} (--on-bad-image fail; the {summary.written} rows before it are in "
                                     "the output: fix or remove the file, then run again with --resume)")
-                rows = predict_batch(classifier, chunk, arrays, top_k)
+                rows = predict_batch(classifier, batch, top_k)
                 writer.write(rows)
                 summary.rows.extend(rows)
                 summary.written += len(rows)
                 summary.errors += sum(1 for r in rows if r.error)
                 bar.update(len(rows))
         finally:
-            for _, futures in pending:
-                for f in futures:
-                    f.cancel()
-            bar.close()
+            batches.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -418,8 +439,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None, metavar="N",
                    help=f"images per inference call (default: the backend's largest batch, else {DEFAULT_BATCH})")
     add_threads(p, help="CPU intra-op threads of the backend (default: its own choice)")
-    p.add_argument("--workers", type=POSITIVE_INT, default=None, metavar="N",
-                   help="threads decoding and preprocessing images (default: the usable CPUs, at most 8)")
+    p.add_argument("--workers", type=COUNT, default=None, metavar="N",
+                   help="threads decoding whole batches ahead of inference; 0 decodes on the inference thread "
+                        "(default: the CPUs --threads leaves free, 1 to 8; up to 8 on a GPU)")
     p.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip",
                    help="skip: an unreadable image gets a row with its error and the run goes on; fail: stop "
                         "at the first (exit 1)")
@@ -454,6 +476,16 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def default_workers(device: str, threads: int | None) -> int:
+    """Decoding threads: on a GPU, up to 8 (every CPU is free for them); on the CPU, the cores that
+    inference leaves free (a backend left to choose its threads takes them all), and at least one,
+    which still overlapped inference profitably on a 2-core CPU running 2 inference threads."""
+    cpus = _usable_cpus()
+    if device != "cpu":
+        return min(8, cpus)
+    return max(1, min(8, cpus - (threads or cpus)))
+
+
 def predict(args: argparse.Namespace) -> int:
     """The predict verb: check everything, load the model, predict, print the summary."""
     from tl_deploy.reports import classification_result, format_result
@@ -482,7 +514,7 @@ def predict(args: argparse.Namespace) -> int:
             _logger.info("%s: %d rows already there, %d of %d inputs left", args.out, len(earlier), len(todo),
                          len(paths))
         batch_size = args.batch_size or classifier.runner.max_batch or DEFAULT_BATCH
-        workers = args.workers or min(8, _usable_cpus())
+        workers = args.workers if args.workers is not None else default_workers(classifier.device, args.threads)
         writer: RowWriter = LineWriter(args.out, top_k) if args.out.suffix.lower() in APPENDABLE \
             else ParquetWriter(args.out)
         try:
