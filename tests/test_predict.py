@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,16 @@ def test_refusals_come_before_any_work(model: Path, tiny_data: Path, tmp_path: P
         assert not any("loaded" in line for line in err) or "--top-k" in argv, (argv, err)  # before loading
     assert existing.read_text() == "keep me\n"
     assert not (tmp_path / "a.csv").exists() and not (tmp_path / "a.parquet").exists()
+
+
+def test_parquet_without_pyarrow_is_refused(model: Path, tiny_data: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert run(model, tiny_data / "test" / "bar", "--out", tmp_path / "p.parquet") == 2
+    assert "needs pyarrow" in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
