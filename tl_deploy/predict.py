@@ -31,7 +31,7 @@ from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -47,7 +47,10 @@ from tl_deploy.cli import (
 )
 from tl_deploy.errors import ArtifactError, DataError, OutputError, UsageError
 from tl_deploy.fileio import atomic_path, check_output_writable
-from tl_deploy.preprocess import IMAGE_EXTENSIONS, prepare
+from tl_deploy.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare
+
+if TYPE_CHECKING:
+    from tl_deploy.runtime import Classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ class DecodedBatch:
     errors: dict[int, DataError]  # index in ``paths`` -> why that image could not be read
 
 
-def decode_batch(paths: list[Path], spec: Any) -> DecodedBatch:
+def decode_batch(paths: list[Path], spec: PreprocessSpec) -> DecodedBatch:
     """``preprocess.prepare`` on every path (the float input ``Classifier.infer`` takes), stacked."""
     arrays: list[np.ndarray] = []
     errors: dict[int, DataError] = {}
@@ -323,7 +326,7 @@ def decode_batch(paths: list[Path], spec: Any) -> DecodedBatch:
     return DecodedBatch(paths, np.stack(arrays) if arrays else None, errors)
 
 
-def predict_batch(classifier: Any, batch: DecodedBatch, top_k: int) -> list[Row]:
+def predict_batch(classifier: Classifier, batch: DecodedBatch, top_k: int) -> list[Row]:
     """One row per path: top-k of the decoded images, the error line of those that could not be read."""
     from tl_deploy.runtime import softmax
 
@@ -341,7 +344,7 @@ def predict_batch(classifier: Any, batch: DecodedBatch, top_k: int) -> list[Row]
     return [r for r in rows if r is not None]
 
 
-def decoded_batches(paths: Sequence[Path], spec: Any, batch_size: int,
+def decoded_batches(paths: Sequence[Path], spec: PreprocessSpec, batch_size: int,
                     workers: int) -> Generator[DecodedBatch, None, None]:
     """The inputs decoded in batches of ``batch_size``, in order.
 
@@ -374,7 +377,7 @@ def decoded_batches(paths: Sequence[Path], spec: Any, batch_size: int,
                 future.cancel()
 
 
-def run_predictions(classifier: Any, paths: Sequence[Path], writer: RowWriter, *, top_k: int, batch_size: int,
+def run_predictions(classifier: Classifier, paths: Sequence[Path], writer: RowWriter, *, top_k: int, batch_size: int,
                     workers: int, fail_on_bad: bool = False, progress: bool = True) -> Summary:
     """Decode ``paths`` (``decoded_batches``), infer batch by batch, hand each batch's rows to ``writer``.
 
