@@ -35,6 +35,7 @@ VERBS: dict[str, Verb] = {
     "export": Verb("tl_deploy.export", "export a model artifact to ONNX FP32/FP16/INT8 and TensorRT -> export/<run>/"),
     "parity": Verb("tl_deploy.parity", "prove every exported backend classifies like the PyTorch model"),
     "bench": Verb("tl_deploy.bench", "latency and throughput of every backend, and image file -> label"),
+    "predict": Verb("tl_deploy.predict", "classify many image files with an exported model -> .csv/.jsonl/.parquet"),
     "app": Verb("tl_deploy.app", "start the Streamlit app that classifies images with an exported model"),
     "transfer-curve": Verb("tl_deploy.experiments", "accuracy vs labelled images per class, per transfer method",
                            prefix=("transfer-curve",)),
