@@ -21,7 +21,7 @@ from tl_deploy.data import eval_transform, train_transform
 from tl_deploy.errors import TlDeployError
 from tl_deploy.reports import ClassificationResult
 from tl_deploy.train import distributed
-from tl_deploy.train.adaptation import DomainAdapter, cycle, unlabeled_samples
+from tl_deploy.train.adaptation import DomainAdapter, cycle
 from tl_deploy.train.checkpoint import checkpoint_mismatch
 from tl_deploy.train.loaders import make_loader
 from tl_deploy.train.loop import evaluate, predict_logits, summarize, train_one_epoch
@@ -113,7 +113,7 @@ def make_adapter(run: Run, network: nn.Module, cache: StageCache, total_steps: i
     cfg = run.cfg
     if cfg.da is None or cfg.target_unlabeled is None:
         return None
-    target = unlabeled_samples(cfg.target_unlabeled)
+    target = run.target_samples
     activations = cache.activations.get("target") if cache.suffix is not None else None
     if activations is not None:
         target = target[:len(activations)]  # only the labels (-1) are read: the activations are the images
@@ -146,17 +146,15 @@ class TargetWatch:
         self.model = cache.suffix or network
         generator = torch.Generator().manual_seed(run.cfg.seed)
         activations = cache.activations.get("target") if cache.suffix is not None else None
+        available = len(activations) if activations is not None else len(run.target_samples)
+        keep = torch.randperm(available, generator=generator)[:TARGET_WATCH_IMAGES].sort().values
         self.loader: torch.utils.data.DataLoader
         if activations is not None:
-            keep = torch.randperm(len(activations), generator=generator)[:TARGET_WATCH_IMAGES].sort().values
             x = activations[keep]  # (K, C, h, w)
             dataset = torch.utils.data.TensorDataset(x, torch.full((len(x),), -1))
             self.loader = torch.utils.data.DataLoader(dataset, batch_size=run.eval_batch)
         else:
-            assert run.cfg.target_unlabeled is not None
-            target = unlabeled_samples(run.cfg.target_unlabeled)
-            keep = torch.randperm(len(target), generator=generator)[:TARGET_WATCH_IMAGES].sort().values
-            self.loader = make_loader([target[i] for i in keep.tolist()], eval_transform(run.spec),
+            self.loader = make_loader([run.target_samples[i] for i in keep.tolist()], eval_transform(run.spec),
                                       batch_size=run.eval_batch, seed=0, train=False, workers=run.workers)
         self.reference_logits = self.logits()  # (K, C), the starting model's
         self.reference = target_stats(self.reference_logits)

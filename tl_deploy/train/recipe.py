@@ -106,7 +106,9 @@ def setup(cfg: TrainConfig, dist: DistContext) -> Run:
     workers = cfg.workers if cfg.workers is not None else default_workers(dist.device)
     ckpt = Checkpointer(out, fingerprint=fingerprint(cfg, splits), writer=dist.is_main)
     class_weights = inverse_frequency(train_samples, len(splits.class_names))
-    run = Run(cfg, dist, data_dir, out, splits, train_samples, class_weights, workers, amp, ckpt, started=started)
+    target = unlabeled_samples(cfg.target_unlabeled) if cfg.da is not None and cfg.target_unlabeled else []
+    run = Run(cfg, dist, data_dir, out, splits, train_samples, class_weights, workers, amp, ckpt,
+              target_samples=target, started=started)
     _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", dist.device,
                  "auto (measured before fine-tuning)" if amp.to_measure else amp.name, workers, run.num_classes,
                  len(train_samples), len(splits.val), len(splits.test))
@@ -135,7 +137,7 @@ def prepare_stage_cache(run: Run, network: nn.Module) -> StageCache:
     the source train and val images and, with ``--da``, the unlabelled target images."""
     cfg, num_images = run.cfg, len(run.train_samples) + len(run.splits.val)
     train_stages = cfg.stages_to_train()
-    target = unlabeled_samples(cfg.target_unlabeled) if cfg.da is not None and cfg.target_unlabeled else []
+    target = run.target_samples
     # Augmentation changes each epoch's input; fusion reads several depths: neither can run on cached
     # prefix outputs.
     cacheable = cfg.finetunes and not cfg.augment and train_stages is not None and cfg.head == "linear"

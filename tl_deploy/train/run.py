@@ -31,6 +31,7 @@ class Run:
     workers: int
     amp: AmpChoice
     ckpt: Checkpointer
+    target_samples: list[Sample] = field(default_factory=list)  # --da: the unlabelled target images, read once
     state: RunState = field(default_factory=RunState)
     resumed: dict[str, Any] | None = None  # the checkpoint this run resumed from
     started: float = field(default_factory=time.perf_counter)
