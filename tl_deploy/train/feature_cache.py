@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from tl_deploy.backbones import feature_dim, pooled_features
 from tl_deploy.data import ImageDataset, Sample, Transform, eval_transform, train_transform
 from tl_deploy.fileio import atomic_path
-from tl_deploy.preprocess import ImageInput, PreprocessSpec, load_and_resize, normalize
+from tl_deploy.preprocess import ImageInput, PreprocessSpec
 from tl_deploy.train import distributed
 from tl_deploy.train.distributed import SINGLE, DistContext
 
@@ -103,12 +102,12 @@ def compute_activations(
 
 
 def mirror_transform(spec: PreprocessSpec) -> Transform:
-    """The eval transform of the horizontally mirrored image."""
-    from PIL import ImageOps
+    """The eval transform of the horizontally mirrored image: the eval tensor flipped along its width
+    (normalisation is per pixel, so mirroring before or after it gives the same tensor)."""
+    plain = eval_transform(spec)
 
     def transform(image: ImageInput) -> torch.Tensor:
-        mirrored = ImageOps.mirror(load_and_resize(image, spec))
-        return torch.from_numpy(normalize(np.asarray(mirrored, dtype=np.uint8), spec))  # (3, H, W)
+        return plain(image).flip(-1)  # (3, H, W)
 
     return transform
 
