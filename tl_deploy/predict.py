@@ -334,13 +334,11 @@ def predict_batch(classifier: Classifier, batch: DecodedBatch, top_k: int) -> li
     rows = [Row(str(p), backend=backend, precision=precision, error=str(batch.errors[i]))
             if i in batch.errors else None for i, p in enumerate(batch.paths)]
     if batch.images is not None:
-        probs = softmax(classifier.infer(batch.images))  # (N, C)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
-        names = classifier.class_names
+        ranked = classifier.rank(softmax(classifier.infer(batch.images)), top_k)  # (N, k) labels and probabilities
         good = [i for i in range(len(batch.paths)) if i not in batch.errors]
         for row, i in enumerate(good):
-            rows[i] = Row(str(batch.paths[i]), tuple(names[j] for j in order[row]),
-                          tuple(float(probs[row, j]) for j in order[row]), backend, precision)
+            rows[i] = Row(str(batch.paths[i]), tuple(ranked.labels[row]),
+                          tuple(float(p) for p in ranked.probabilities[row]), backend, precision)
     return [r for r in rows if r is not None]
 
 

@@ -161,7 +161,7 @@ class Classifier:
     def predict(self, images: Images, top_k: int = 1) -> Prediction:
         """Top-k labels and probabilities for one image or a list of images (always batch-shaped)."""
         self._check_top_k(top_k)
-        return self._top_k(self.predict_proba(images), top_k)
+        return self.rank(self.predict_proba(images), top_k)
 
     def predict_each(self, images: Images, top_k: int = 1) -> list[Prediction | DataError]:
         """Like ``predict``, but an image that cannot be read costs only its own result: one entry
@@ -176,7 +176,7 @@ class Classifier:
                 arrays.append(convert(item, self.metadata.spec))
             except DataError as exc:
                 errors[i] = exc
-        batch = self._top_k(softmax(self._run(np.stack(arrays))), top_k) if arrays else None
+        batch = self.rank(softmax(self._run(np.stack(arrays))), top_k) if arrays else None
         out: list[Prediction | DataError] = []
         row = 0
         for i in range(len(items)):
@@ -192,7 +192,8 @@ class Classifier:
         if not 1 <= top_k <= num_classes:
             raise DataError(f"Invalid top_k {top_k}: choose 1..{num_classes} (the number of classes).")
 
-    def _top_k(self, probs: np.ndarray, top_k: int) -> Prediction:
+    def rank(self, probs: np.ndarray, top_k: int) -> Prediction:
+        """The ``top_k`` classes of each row of (N, C) probabilities, most probable first (ties: lower index)."""
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
         labels = [[self.metadata.class_names[j] for j in row] for row in order]
         return Prediction(labels=labels, probabilities=np.take_along_axis(probs, order, axis=1))
