@@ -51,12 +51,7 @@ def train_probe(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, v
         total, correct = 0.0, 0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            logits = head(train_x[idx])  # (B, C)
-            loss = criterion(logits, train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            scheduler.step()
+            loss, logits = _step(head, criterion, opt, scheduler, train_x[idx], train_y[idx])
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == train_y[idx]).sum())
         head.eval()
@@ -72,6 +67,19 @@ def train_probe(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, v
             best = {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best)
     return history
+
+
+def _step(head: nn.Module, criterion: nn.Module, opt: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor,
+          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer and schedule step of ``head`` on (B, D) features; returns (loss, (B, C) logits)."""
+    logits = head(x)  # (B, C)
+    loss = criterion(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    scheduler.step()
+    return loss, logits
 
 
 def train_probe_steps(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, *, steps: int, lr: float,
@@ -92,12 +100,7 @@ def train_probe_steps(head: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     head.train()
     for _ in range(steps):
         idx = torch.randperm(len(train_x), generator=generator)[:batch]
-        logits = head(train_x[idx])  # (B, C)
-        loss = criterion(logits, train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        scheduler.step()
+        loss, logits = _step(head, criterion, opt, scheduler, train_x[idx], train_y[idx])
         correct = int((logits.argmax(1) == train_y[idx]).sum())
     head.eval()
     return float(loss.detach()), correct / batch
