@@ -10,8 +10,9 @@ CSV and JSONL are written append-only, whole lines, flushed and fsynced after ev
 run loses at most its current batch, and ``--resume`` skips the inputs already in the file (a torn
 last line is dropped first). Parquet cannot be appended to; it is written once, atomically, at the end.
 
-The pipeline: a thread pool decodes and preprocesses the next batches (``preprocess.prepare``, the
-classifier's own path) while the main thread runs ``Classifier.infer`` on the current one;
+The pipeline: a thread pool decodes and preprocesses the next batches (``preprocess.prepare_batch``: the
+classifier's own ``prepare``, bit for bit, at less than half the cost) while the main thread runs
+``Classifier.infer`` on the current one;
 ``predict_batch`` (arrays in, rows out) is the unit a distributed runner would map over batches.
 """
 
@@ -316,7 +317,7 @@ class DecodedBatch:
 
 def decode_batch(paths: list[Path], spec: PreprocessSpec, out: np.ndarray | None = None) -> DecodedBatch:
     """``preprocess.prepare`` on every path (the float input ``Classifier.infer`` takes), stacked: computed by
-    ``preprocess.prepare_batch``, the same array bit for bit at about a third of the cost (``out``: the
+    ``preprocess.prepare_batch``, the same array bit for bit at less than half the cost (``out``: the
     array to write the images into, see ``preprocess.normalize_batch``)."""
     images, errors = prepare_batch(paths, spec, out)
     return DecodedBatch(paths, images, errors)

@@ -354,7 +354,7 @@ def prepare_uint8(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
 
 def prepare_batch(sources: Sequence[ImageInput], spec: PreprocessSpec,
                   out: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[int, DataError]]:
-    """``prepare`` of many inputs at once: the same (N, 3, H, W) float32 batch, bit for bit, in about a third
+    """``prepare`` of many inputs at once: the same (N, 3, H, W) float32 batch, bit for bit, in less than half
     of the time, and the ``DataError`` of each input that cannot be read, by index (left out of the batch;
     None when no input could be read).
 
