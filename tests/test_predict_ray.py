@@ -163,3 +163,13 @@ def test_ray_flags_that_do_nothing_are_refused(model: Path, images: Path, tmp_pa
     assert run(model, images, "--out", tmp_path / "p.jsonl", *flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+@needs_ray
+def test_threads_no_node_holds_are_refused_before_the_output_exists(ray_session: Any, model: Path, images: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.csv"
+    assert main([str(model), str(images), "--out", str(out), "--ray", "--threads", "3", "--no-progress"]) == 2
+    assert "--threads 3: no node of the Ray cluster has that many CPUs (the most: 2)" in capsys.readouterr().err
+    assert not out.exists()  # an actor of 3 CPUs would have waited for ever

@@ -135,12 +135,14 @@ def start_ray(settings: RaySettings, verbose: bool = False) -> bool:
     """Connect to (or start) Ray; True when this call started it, so the caller shuts it down after
     (``run_ray_predictions(shutdown=True)``; Ray's own exit handler does it if the run never starts).
 
-    ``predict`` calls it before it opens FILE, so an unreachable cluster leaves no file behind. A Ray
+    ``predict`` calls it before it opens FILE, so an unreachable cluster, or one with no node that holds an
+    actor of ``threads`` CPUs, is refused with no file left behind. A Ray
     session already open in this process (``ray.init`` by the caller) is used as it is. A local
     instance gets ``actors * threads`` CPUs: Ray schedules by those, so the pool fits it exactly.
     """
     ray = import_ray()
     if ray.is_initialized():
+        pool_size(ray, settings, 1)  # its refusal
         return False
     level = logging.DEBUG if verbose else logging.WARNING
     try:
@@ -153,22 +155,26 @@ def start_ray(settings: RaySettings, verbose: bool = False) -> bool:
         raise BackendUnavailableError(f"--ray {settings.address}: cannot connect to a Ray cluster there ({exc}): "
                                       "start one (ray start --head), check the address, or pass --ray alone for a "
                                       "local Ray.") from exc
+    pool_size(ray, settings, 1)
     return True
 
 
 def pool_size(ray: Any, settings: RaySettings, batches: int) -> tuple[int, int]:
     """(min, max) actors: the asked-for count (never more than there are batches), started as far as
-    the cluster's CPUs allow now.
+    the cluster's nodes hold them now (an actor's ``threads`` CPUs must sit on one node).
 
     A fixed pool larger than the cluster would wait for CPUs forever; starting with what fits and
     letting Ray Data grow the pool to ``actors`` also serves a cluster that adds nodes on demand.
     """
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    fits = max(1, cpus // settings.threads)
+    node_cpus = [int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    fits = sum(cpus // settings.threads for cpus in node_cpus)
+    if fits == 0:
+        raise UsageError(f"--threads {settings.threads}: no node of the Ray cluster has that many CPUs (the most: "
+                         f"{max(node_cpus, default=0)}): lower --threads.")
     wanted = min(settings.actors or fits, batches)
     if wanted > fits:
-        _logger.warning("the Ray cluster has %d CPUs: %d of the %d actors (%d threads each) start now, the others "
-                        "when CPUs free up or nodes join", cpus, fits, wanted, settings.threads)
+        _logger.warning("the Ray cluster holds %d actors of %d threads now: %d of the %d start, the others when "
+                        "CPUs free up or nodes join", fits, settings.threads, fits, wanted)
     return min(wanted, fits), wanted
 
 
@@ -178,7 +184,8 @@ def run_ray_predictions(model: Path, paths: Sequence[Path], writer: RowWriter, *
                         shutdown: bool = False) -> tuple[Summary, str]:
     """``run_predictions`` on Ray: the same rows, handed to ``writer`` batch by batch as actors finish them.
 
-    Returns the summary and the pipeline's words for the summary line (actors, threads, where).
+    Returns the summary and the pipeline's words for the summary line (actors, threads, where, and when
+    the first rows came back: the summary's time includes starting the actors and loading their models).
     ``fail_on_bad``: raise the first unreadable image's ``DataError`` when its batch arrives (the
     batches that arrived before it are kept). ``shutdown``: stop Ray at the end (``start_ray``
     started it); a Ray not yet started is started here, and stopped.
@@ -206,6 +213,7 @@ def run_ray_predictions(model: Path, paths: Sequence[Path], writer: RowWriter, *
                                       num_cpus=settings.threads, fn_constructor_kwargs={"options": options})
         summary = Summary()
         start = time.perf_counter()
+        first: float | None = None
         with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
             for table in rows_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 rows = table_rows(table)
@@ -219,8 +227,9 @@ def run_ray_predictions(model: Path, paths: Sequence[Path], writer: RowWriter, *
                 summary.written += len(rows)
                 summary.errors += sum(1 for r in rows if r.error)
                 bar.update(len(rows))
+                first = time.perf_counter() - start if first is None else first
         summary.seconds = time.perf_counter() - start
-        return summary, pipeline
+        return summary, pipeline + (f", first rows after {first:.1f} s" if first is not None else "")
     finally:
         if started:
             ray.shutdown()
