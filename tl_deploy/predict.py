@@ -440,8 +440,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="labels per image, most likely first (default: 5, or every class if fewer)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None, metavar="N",
                    help=f"images per inference call (default: the backend's largest batch, else {DEFAULT_BATCH})")
-    add_threads(p, help="CPU intra-op threads of the backend (default: its own choice; with --ray: of each actor, "
-                        "default 1)")
+    add_threads(p, help="CPU intra-op threads of the backend (default: its own choice; with --ray: 1 per actor)")
     p.add_argument("--workers", type=COUNT, default=None, metavar="N",
                    help="threads decoding whole batches ahead of inference; 0 decodes on the inference thread "
                         "(default: the CPUs --threads leaves free, 1 to 8; up to 8 on a GPU)")
