@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from tl_deploy.artifact import Architecture, load_artifact
 from tl_deploy.backbones import create_model, model_data_config
-from tl_deploy.errors import DataError, ModelError
+from tl_deploy.errors import DataError, ModelError, TlDeployError
 from tl_deploy.formats.metadata import read_onnx_metadata
 from tl_deploy.model_card import read_model_card
 from tl_deploy.preprocess import IMAGENET_MEAN, PreprocessSpec
@@ -95,6 +96,18 @@ def test_bad_preprocess_flags_are_refused(argv: tuple[str, ...], message: str,
     with pytest.raises(SystemExit) as exc:
         parse(*argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"img_size": "big"}, "--img-size 'big': choose auto or an integer"),
+    ({"interpolation": "cubic"}, "--interpolation 'cubic'"),
+    ({"mean": (0.5, 0.5)}, "--mean (0.5, 0.5): give 3 numbers"),
+    ({"std": (0.5, -1.0, 0.5)}, "--std -1.0"),
+    ({"balance": None}, "--balance None"),  # None means "from the model" only for the preprocessing fields
+])
+def test_library_callers_get_the_same_refusals(values: dict[str, object], message: str) -> None:
+    with pytest.raises(TlDeployError, match=re.escape(message)):
+        TrainConfig(**values).validate()  # type: ignore[arg-type]
 
 
 def test_spec_without_source_still_loads_and_bad_sources_are_refused() -> None:

@@ -36,8 +36,8 @@ FEW_SHOT_MAX_PER_CLASS = 20
 DEFAULT_UNFREEZE: dict[str, int | None] = {"finetune": None, "lp-ft": 4, "partial": 2}
 
 IMG_SIZES = Range(int, 8, 4096)
-# --img-size auto: the network sees the data at most this many times its native side. On Animal-Shape (28 px)
-# 4x (112 px) is the measured choice (docs/training.md); larger factors cost time for no accuracy.
+# --img-size auto: the network sees the data at most this many times its native side. On Animal-Shape (28 px, val):
+# 3x (96 px) lost a point, 5x (144 px) gained 0.1 point for 30% more time; 4x (112 px) it is (docs/training.md).
 AUTO_UPSCALE = 4
 AUTO_SIZE_STEP = 16  # automatic sizes are multiples of this (every stride-32-or-less CNN and patch-16 ViT fits)
 AUTO_MIN_SIZE = 32  # below one 32-pixel cell a CNN's last stage sees a single pixel
@@ -268,8 +268,8 @@ class TrainConfig:
                     allowed.check(flag, item)
             elif allowed is not None and (value is not None or f.default is not None):
                 allowed.check(flag, value)
-        if self.img_size != "auto":
-            IMG_SIZES.check("--img-size", self.img_size)
+        if self.img_size != "auto" and IMG_SIZES.problem(self.img_size):
+            raise TlDeployError(f"Invalid --img-size {self.img_size!r}: choose auto or {IMG_SIZES.describe()}.")
 
     def _validate_choices(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -277,8 +277,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise TlDeployError(f"Invalid optimizer {self.optimizer!r}. Only SGD and AdamW are supported.")
         for name in ("balance", "bn", "on_bad_image", "cache_runtime", "amp", "few_shot", "interpolation"):
-            allowed = TrainConfig.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in allowed and getattr(self, name) is not None:
+            declared = TrainConfig.__dataclass_fields__[name]
+            allowed, value = declared.metadata["choices"], getattr(self, name)
+            if value not in allowed and not (value is None and declared.default is None):  # None: "from the model"
                 raise TlDeployError(f"Invalid --{name.replace('_', '-')} {getattr(self, name)!r}. "
                                     f"Only {', '.join(allowed)} are supported.")
 
