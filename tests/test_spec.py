@@ -222,3 +222,14 @@ def test_vit_trains_at_a_user_size_from_a_weights_file_with_user_normalisation(t
     card = read_model_card(out)
     assert card.preprocess_origins()["std"] == "user:--std"
     assert "mean (0.2, 0.3, 0.4) [user:--mean]" in card.input_description()
+
+
+def test_feature_cache_key_ignores_provenance(tmp_path: Path) -> None:
+    from tl_deploy.train.feature_cache import cache_key
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    plain = PreprocessSpec()
+    sourced = PreprocessSpec(source=(("mean", "user:--mean"),))
+    assert cache_key("m", plain, [(image, 0)]) == cache_key("m", sourced, [(image, 0)])
+    assert cache_key("m", plain, [(image, 0)]) != cache_key("m", PreprocessSpec(interpolation="bicubic"), [(image, 0)])
