@@ -219,6 +219,17 @@ def test_vit_trains_at_a_user_size_from_a_weights_file_with_user_normalisation(t
     assert art.spec.provenance["mean"] == "user:--mean" and art.spec.provenance["input_size"] == "user:--img-size"
     out = tmp_path / "export"
     export_and_check_parity(artifact, tiny_data, out)
+    # The runtime the app and predict use prepares images with the recorded spec: the same probabilities as
+    # the PyTorch model fed the recorded normalisation.
+    from tl_deploy import runtime
+    from tl_deploy.preprocess import prepare
+
+    image = next((tiny_data / "test").rglob("*.png"))
+    with torch.no_grad():
+        expected = torch.softmax(art.model(torch.from_numpy(prepare(image, art.spec))[None]), dim=1).numpy()
+    with runtime.load(out, backend="onnxruntime", device="cpu", threads=2) as clf:
+        assert clf.spec == art.spec and clf.spec.provenance == art.spec.provenance
+        np.testing.assert_allclose(clf.predict_proba([image]), expected, atol=1e-4)
     card = read_model_card(out)
     assert card.preprocess_origins()["std"] == "user:--std"
     assert "mean (0.2, 0.3, 0.4) [user:--mean]" in card.input_description()
