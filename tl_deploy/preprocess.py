@@ -8,10 +8,13 @@ guesses. This module needs only numpy and Pillow (no torch), so edge code can im
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import io
 import math
 import os
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -160,7 +163,17 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     EXIF orientation is applied; 16-bit and float greyscale are scaled by their own range;
     transparency (LA, RGBA, P with a transparent colour) is composited onto ``background``.
     """
-    image = ImageOps.exif_transpose(image) or image
+    return _grey_to_rgb(_rgb_or_grey(ImageOps.exif_transpose(image) or image, background))
+
+
+def _grey_to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB") if image.mode == "L" else image
+
+
+def _rgb_or_grey(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``to_rgb`` of an upright image, except that an image whose RGB form is grey (R = G = B: modes L,
+    16-bit, 32-bit and float) stays one 8-bit L plane: ``prepare_batch`` resizes one plane instead of
+    three identical ones (PIL's 8-bit resampling computes each band alone, with the same arithmetic)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         with np.errstate(invalid="ignore"):  # signalling NaNs in float data set the flag on any cast
@@ -175,7 +188,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
         elif hi <= lo:
             hi = lo + 1.0
         arr = np.clip((arr - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr, mode="L")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
@@ -186,8 +199,22 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
         base = Image.new("RGB", image.size, background)
         base.paste(image.convert("RGBA"), mask=image.getchannel("A"))
         return base
-    if mode != "RGB":
+    if mode not in ("RGB", "L"):
         return image.convert("RGB")
+    return image
+
+
+# The only places PIL's ``getexif`` reads an orientation from (besides a TIFF's own tags, ``tag_v2``).
+_ORIENTATION_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``ImageOps.exif_transpose`` of an image this module opened, skipped when it has nowhere to carry an
+    orientation: that parse and the full copy it returns for an unrotated image were a tenth of
+    decoding a small PNG. A caller's own image always takes ``exif_transpose`` (``to_rgb``)."""
+    if (hasattr(image, "tag_v2") or getattr(image, "_exif", None) is not None
+            or any(key in image.info for key in _ORIENTATION_INFO)):
+        return ImageOps.exif_transpose(image) or image
     return image
 
 
@@ -240,11 +267,21 @@ def check_image_size(image: Image.Image, name: str, spec: PreprocessSpec | None 
 
 def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Open a path, raw bytes, PIL image or HWC/HW uint8 array as RGB, or raise ``DataError``."""
+    return _grey_to_rgb(_open_rgb_or_grey(source, background))
+
+
+def _file_not_found(exc: OSError) -> bool:
+    """Whether ``Path.is_file`` would have answered False instead of raising (its ignored errors)."""
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _open_rgb_or_grey(source: ImageInput, background: tuple[int, int, int]) -> Image.Image:
+    """``open_image`` before its last step: RGB, or L where the RGB image would be grey (``_rgb_or_grey``)."""
     if isinstance(source, (Image.Image, np.ndarray)):
         image = source if isinstance(source, Image.Image) else _array_to_pil(source)
         check_image_size(image, f"<{type(source).__name__}>")
         try:
-            return to_rgb(image, background)
+            return _rgb_or_grey(ImageOps.exif_transpose(image) or image, background)
         except (ValueError, OSError) as exc:  # e.g. a mode PIL cannot convert to RGB
             raise DataError(f"Cannot convert a {image.mode} image to RGB ({exc}). Pass an RGB or L image.") from exc
     if not isinstance(source, (bytes, str, os.PathLike)):
@@ -259,16 +296,23 @@ def open_image(source: ImageInput, background: tuple[int, int, int] = (0, 0, 0))
                 raise DataError("Empty image data (0 bytes): upload or pass a real image file.")
             fh: Any = io.BytesIO(source)
         else:
-            path = Path(source)
-            if not path.is_file():
+            try:  # one stat for what is_file() and stat().st_size asked with two
+                info = os.stat(source)
+            except OSError as exc:
+                if not _file_not_found(exc):
+                    raise
+                info = None
+            except ValueError:  # an embedded NUL byte: is_file() says False too
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode):
                 raise DataError(f"Image file not found: {name}.")
-            if path.stat().st_size == 0:
+            if info.st_size == 0:
                 raise DataError(f"Image file is empty (0 bytes): {name}. Remove or replace it.")
-            fh = path
+            fh = Path(source)
         with Image.open(fh) as img:
             check_image_size(img, name)
             img.load()
-            return to_rgb(img, background)
+            return _rgb_or_grey(_upright(img), background)  # leaving the block closes the file, not the pixels
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
@@ -296,14 +340,18 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 
 def resize_and_crop(image: Image.Image, spec: PreprocessSpec, name: str = "<image>") -> Image.Image:
     """Resize the shorter side to ``spec.resize`` and center-crop ``spec.input_size`` squared."""
+    image, left, top = _resized(image, spec, name)
+    return image.crop((left, top, left + spec.input_size, top + spec.input_size))
+
+
+def _resized(image: Image.Image, spec: PreprocessSpec, name: str) -> tuple[Image.Image, int, int]:
+    """``resize_and_crop`` before its crop: the resized image, and the crop's left and top."""
     check_image_size(image, name, spec)
     w, h = image.size
     new_w, new_h = resized_size(w, h, spec)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), spec.pil_interpolation)
-    left = (new_w - spec.input_size) // 2
-    top = (new_h - spec.input_size) // 2
-    return image.crop((left, top, left + spec.input_size, top + spec.input_size))
+    return image, (new_w - spec.input_size) // 2, (new_h - spec.input_size) // 2
 
 
 @functools.lru_cache(maxsize=16)
@@ -349,6 +397,71 @@ def prepare(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
 def prepare_uint8(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """Like ``prepare`` but stops before scaling: (H, W, 3) uint8, for baked-preprocess graphs."""
     return np.asarray(load_and_resize(source, spec), dtype=np.uint8)
+
+
+def prepare_batch(sources: Sequence[ImageInput], spec: PreprocessSpec,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray | None, dict[int, DataError]]:
+    """``prepare`` of many inputs at once: the same (N, 3, H, W) float32 batch, bit for bit, in less than half
+    of the time, and the ``DataError`` of each input that cannot be read, by index (left out of the batch;
+    None when no input could be read).
+
+    The savings, on 28x28 greyscale PNGs at 112 px: a grey image is resized as one plane, not three equal
+    ones; the crop is a view of the resized pixels; the normalisation is ``normalize_batch``; a file's
+    EXIF orientation is parsed only when the file carries one (``_upright``), with one stat per file.
+    ``out``: see ``normalize_batch``.
+    """
+    pixels: list[np.ndarray] = []
+    errors: dict[int, DataError] = {}
+    for i, source in enumerate(sources):
+        try:
+            pixels.append(_pixels(source, spec))
+        except DataError as exc:
+            errors[i] = exc
+    return (normalize_batch(pixels, spec, out) if pixels else None), errors
+
+
+def _pixels(source: ImageInput, spec: PreprocessSpec) -> np.ndarray:
+    """``prepare_uint8`` of one input, except that a grey image is one (H, W) plane (its R, G and B)."""
+    name = image_name(source)
+    try:
+        image, left, top = _resized(_open_rgb_or_grey(source, spec.background), spec, name)
+        size = spec.input_size
+        return np.asarray(image)[top:top + size, left:left + size]  # (H, W) or (H, W, 3) uint8
+    except MemoryError as exc:  # as load_and_resize
+        raise DataError(f"Out of memory decoding {name}: downscale it, or free memory.") from exc
+
+
+def normalize_batch(pixels: Sequence[np.ndarray], spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Same-sized (H, W) grey or (H, W, 3) RGB uint8 images -> (N, 3, H, W) float32, equal bit for bit to
+    stacking ``normalize`` of each (a grey plane standing for its RGB image, R = G = B).
+
+    The table's own float32 maths, ``(x / 255 - mean) / std`` rounded at each step, as three in-place
+    passes over the whole batch: a fifth of the time of three table gathers per image through strided
+    channel views (32 images of 112 px, 2-core AMD EPYC).
+
+    ``out``: a C-contiguous (M >= N, 3, H, W) float32 array to write into; the batch returned is its
+    first N rows. A caller that decodes batch after batch reuses its arrays: a fresh 4.8 MB array per
+    batch of 32 cost a page fault per 4 kB page touched, as much time as the normalisation itself.
+    """
+    height, width = pixels[0].shape[:2]
+    shape = (len(pixels), 3, height, width)  # (N, 3, H, W)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        fits = out.dtype == np.float32 and out.shape[1:] == shape[1:] and len(out) >= len(pixels)
+        if not fits or not out.flags.c_contiguous:
+            raise DataError(f"normalize_batch: out is {out.shape} {out.dtype}, need a C-contiguous float32 array "
+                            f"of at least {shape}.")
+        out = out[:len(pixels)]
+    for i, image in enumerate(pixels):
+        if image.ndim == 2:
+            out[i] = image  # broadcast to the 3 channels
+        else:
+            out[i] = (image[:, :, ::-1] if spec.channel_order == "BGR" else image).transpose(2, 0, 1)
+    np.divide(out, np.float32(255.0), out=out)
+    np.subtract(out, np.asarray(spec.mean, dtype=np.float32)[:, None, None], out=out)
+    np.divide(out, np.asarray(spec.std, dtype=np.float32)[:, None, None], out=out)
+    return out
 
 
 def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
