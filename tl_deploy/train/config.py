@@ -342,9 +342,10 @@ class TrainConfig:
                 continue
             chosen = min(high, max(low, round(target / per_epoch)))
             values[name] = record[name] = chosen
+            epochs = f"{chosen} epoch{'s' * (chosen != 1)}"
             record[f"{name}_reason"] = (f"auto: {train_images} images at batch {batch} are {per_epoch} steps an epoch; "
-                                        f"{chosen} epoch{'s' * (chosen != 1)} = {chosen * per_epoch} steps (target {target}, "
-                                        f"{low} to {high} epochs)")
+                                        f"{epochs} = {chosen * per_epoch} steps (target {target}, {low} to {high} "
+                                        "epochs)")
         return dataclasses.replace(self, **values), record  # type: ignore[arg-type]
 
     def resolved(self, name: str) -> int:
