@@ -233,10 +233,10 @@ with tab_batch:
 with tab_card:
     st.subheader(card.architecture or clf.metadata.architecture)
     st.markdown(f"**Classes ({len(clf.class_names)}):** " + ", ".join(clf.class_names))
-    st.markdown(f"**Input:** {clf.spec.input_size}x{clf.spec.input_size} {clf.spec.channel_order}, resize "
-                f"{clf.spec.resize} ({clf.spec.interpolation}), mean {clf.spec.mean}, std {clf.spec.std}")
+    # The classifier's own spec (the one every upload is prepared with), each value with its recorded origin.
+    st.markdown(f"**Input:** {clf.spec.channel_order}, {clf.spec.describe()}")
     if card.training:
-        keys = ("strategy", "epochs", "probe_epochs", "img_size", "lr", "batch_size", "weights", "data")
+        keys = ("strategy", "epochs", "probe_epochs", "img_size", "native_size", "lr", "batch_size", "weights", "data")
         st.markdown("**Training:** " + ", ".join(f"{k} {card.training[k]}" for k in keys if k in card.training))
     if card.metrics:
         st.markdown("**Training metrics**")

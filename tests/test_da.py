@@ -116,7 +116,8 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def da_config(data: Path, target: Path, out: Path, **overrides: object) -> TrainConfig:
-    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE, strategy="finetune",
+    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE,
+                       crop_pct=1.0, interpolation="bilinear", strategy="finetune",
                        epochs=1, batch_size=8, lr=1e-2, augment=False, out=str(out), no_cache=True, workers=0,
                        target_unlabeled=str(target), da="dann", amp="off", device="cpu")
     return replace(base, **overrides)  # type: ignore[arg-type]

@@ -26,7 +26,8 @@ from .conftest import TINY_CLASSES, TINY_MODEL, TINY_SIZE
 
 
 def few_shot_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE, strategy="linear",
+    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE,
+                       crop_pct=1.0, interpolation="bilinear", strategy="linear",
                        limit_per_class=5, few_shot_views=4, few_shot_steps=30, probe_lr=1e-2, out=str(out),
                        no_cache=True, workers=0, device="cpu", threads=2)
     return replace(base, **overrides)  # type: ignore[arg-type]

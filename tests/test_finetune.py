@@ -25,7 +25,8 @@ def assert_one_error_line(stderr: str, message: str) -> None:
 
 
 def tiny_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE, strategy="finetune",
+    base = TrainConfig(data=str(data), model=TINY_MODEL, weights="none", img_size=TINY_SIZE,
+                       crop_pct=1.0, interpolation="bilinear", strategy="finetune",
                        epochs=4, probe_epochs=3, batch_size=8, lr=1e-2, backbone_lr_mult=1.0, augment=False,
                        warmup_epochs=0.5, out=str(out), no_cache=True, workers=0,
                        amp="off", device="cpu")  # pinned: the same arithmetic on every CPU, also on a GPU machine

@@ -80,6 +80,7 @@ class Architecture:
     channel_attention: bool = False  # attention-fusion: squeeze-and-excitation on the fused vector
     levels: int = 0  # multi-level-linear: the final features + the last levels - 1 block outputs
     flip_tta: bool = False  # multi-level-linear: features averaged with the mirror image's in the network
+    img_size: int | None = None  # fixed-size backbones (ViT): the input side they were built for; else None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "num_classes": self.num_classes, "head": self.head,
@@ -89,6 +90,8 @@ class Architecture:
         elif self.head != "linear":
             out.update(fusion_levels=self.fusion_levels, fusion_dim=self.fusion_dim,
                        channel_attention=self.channel_attention)
+        if self.img_size is not None:
+            out["img_size"] = self.img_size
         return out
 
     @classmethod
@@ -99,7 +102,8 @@ class Architecture:
         return cls(name=str(d["name"]), num_classes=num_classes, head=str(d.get("head", "linear")),
                    drop_rate=float(d.get("drop_rate", 0.0)), fusion_levels=int(d.get("fusion_levels", 0)),
                    fusion_dim=int(d.get("fusion_dim", 0)), channel_attention=bool(d.get("channel_attention", False)),
-                   levels=int(d.get("levels", 0)), flip_tta=bool(d.get("flip_tta", False)))
+                   levels=int(d.get("levels", 0)), flip_tta=bool(d.get("flip_tta", False)),
+                   img_size=_optional_size(d.get("img_size")))
 
 
 @dataclass
@@ -131,6 +135,14 @@ class Artifact:
         return eval_transform(self.spec)
 
 
+def _optional_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 8192:
+        raise TypeError(f"img_size must be a positive integer up to 8192, got {value!r}")
+    return value
+
+
 def build_model(arch: Architecture) -> nn.Module:
     """An untrained network of the artifact's architecture (weights come from the artifact)."""
     from tl_deploy.backbones import create_model
@@ -138,15 +150,16 @@ def build_model(arch: Architecture) -> nn.Module:
 
     if arch.head == MULTI_LEVEL_HEAD:
         return create_multi_level_model(arch.name, arch.num_classes, weights="none", levels=arch.levels,
-                                        flip_tta=arch.flip_tta)
+                                        flip_tta=arch.flip_tta, img_size=arch.img_size)
     if arch.head == "attention-fusion":
         return create_fusion_model(arch.name, arch.num_classes, weights="none", drop_rate=arch.drop_rate,
                                    levels=arch.fusion_levels, dim=arch.fusion_dim,
-                                   channel_attention=arch.channel_attention)
+                                   channel_attention=arch.channel_attention, img_size=arch.img_size)
     if arch.head != "linear":
         raise ArtifactError(f"Unknown head {arch.head!r} in artifact; this tl_deploy knows "
                             f"{', '.join([*HEADS, MULTI_LEVEL_HEAD])}.")
-    return create_model(arch.name, num_classes=arch.num_classes, weights="none", drop_rate=arch.drop_rate)
+    return create_model(arch.name, num_classes=arch.num_classes, weights="none", drop_rate=arch.drop_rate,
+                        img_size=arch.img_size)
 
 
 def save_artifact(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tl_deploy.errors import ModelError
+from tl_deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 _logger = logging.getLogger(__name__)
 
@@ -32,6 +36,56 @@ def _embedded_efficientnet_lite0_path() -> Path:
 
 # Models whose ImageNet weights ship inside a pip package, so no hub download is needed.
 EMBEDDED_WEIGHTS = {"efficientnet_lite0": _embedded_efficientnet_lite0_path}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The preprocessing a backbone's weights were trained with, and where that fact comes from.
+
+    The run's ``PreprocessSpec`` starts from it (``TrainConfig.spec``): weights fed another
+    normalisation or filter than their own see a shifted input distribution, silently.
+    """
+
+    input_size: int  # square side the weights were trained at
+    crop_pct: float  # their eval center-crop fraction
+    interpolation: str  # their resize filter
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fixed_input_size: bool  # the architecture is built for one input size (ViT-style position embeddings)
+    source: str  # e.g. "model:timm pretrained_cfg vit_tiny_patch16_224.augreg_in21k"
+
+
+# The embedded efficientnet_lite0 weights are ImageNet weights of the same network timm names efficientnet_lite0,
+# evaluated as timm evaluates it: 224 px, ImageNet mean/std, bicubic resize, center crop 0.875.
+EMBEDDED_DATA_CONFIG = {
+    "efficientnet_lite0": DataConfig(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD, False,
+                                     "model:embedded efficientnet_lite0 weights (timm efficientnet_lite0 config)"),
+}
+_TIMM_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # PreprocessSpec's; timm's "random" is train-only
+
+
+def model_data_config(name: str, weights: str = "embedded") -> DataConfig:
+    """The data config of ``name``'s starting weights, read offline from timm's registry (no download).
+
+    ``--weights embedded``: the shipped weights' known config. hub, none and a file: timm's pretrained config
+    for ``name`` (an ``arch.tag`` name picks that tag's; a bare name, timm's default tag) - random weights have
+    no config of their own, and a file is taken to hold the named weights.
+    """
+    if weights == "embedded" and name in EMBEDDED_DATA_CONFIG:
+        return EMBEDDED_DATA_CONFIG[name]
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(name)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:  # an architecture timm registers without pretrained weights: timm's own defaults
+        return DataConfig(224, 0.875, "bicubic", tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),  # type: ignore[arg-type]
+                          False, f"model:timm defaults ({name} has no pretrained_cfg)")
+    size = int(max(cfg.input_size[-2:]))
+    interpolation = cfg.interpolation if cfg.interpolation in _TIMM_FILTERS else "bicubic"
+    return DataConfig(size, float(cfg.crop_pct or 0.875), interpolation,
+                      tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std),  # type: ignore[arg-type]
+                      bool(cfg.fixed_input_size), f"model:timm pretrained_cfg {name}")
 
 
 def check_model_name(name: str) -> None:
@@ -112,12 +166,30 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return obj
 
 
+def resample_for_size(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """Fit size-bound tensors (position embeddings) of weights trained at another input size to ``model``.
+
+    Uses the architecture's own timm ``checkpoint_filter_fn`` (for a ViT it resamples ``pos_embed`` to the
+    model's patch grid with ``resample_abs_pos_embed``), as timm does when it loads hub weights at ``img_size``.
+    """
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return dict(filter_fn(state, model))
+    except Exception as exc:  # timm's filters assume their own key names; anything else is a misfit
+        raise ModelError(f"Weights from {origin} cannot be resized to this input size "
+                         f"({type(exc).__name__}: {str(exc)[:200]}). Check --model matches the weights.") from exc
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load backbone weights; the classifier is skipped when its shape differs (new head)."""
     own = model.state_dict()
     classifier_keys = _classifier_keys(model)
     reset_head(model)  # replaced below when the weights carry a head of the right size
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(key in own and own[key].shape != value.shape and key.endswith("pos_embed") for key, value in state.items()):
+        state = resample_for_size(model, state, origin)
     if not (set(state) & set(own)):
         # Same architecture under other key names (e.g. EfficientNet-PyTorch): map by position.
         state = remap_in_order(state, own, frozenset(classifier_keys))
@@ -163,6 +235,7 @@ def create_model(
     num_classes: int = 1000,
     weights: str = "embedded",
     drop_rate: float = 0.2,
+    img_size: int | None = None,
 ) -> nn.Module:
     """Build a timm classifier and load its starting weights.
 
@@ -170,13 +243,16 @@ def create_model(
     ``hub`` (timm's pretrained download), ``none`` (random init, a from-scratch baseline) or a
     path to a state dict (``.safetensors`` or ``.pth``). The classifier is sized for
     ``num_classes``; it is freshly initialised unless the weights already have that size.
+    ``img_size``: the input side, for architectures built for one size (``fixed_input_size``, e.g. ViT):
+    they are built for it and weights trained at another size are resampled; other networks take any size.
     """
     import timm
 
     check_model_name(name)
+    extra = size_kwargs(name, img_size)
     if weights == "hub":
         try:
-            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate, **extra)
             if num_classes != model.pretrained_cfg.get("num_classes"):  # type: ignore[union-attr,operator]
                 reset_head(model)
         except Exception as exc:
@@ -185,7 +261,7 @@ def create_model(
                 "Connect to the internet, or pass --weights PATH with a local file."
             ) from exc
         return model
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra)
     if weights == "none":
         return model
     if weights == "embedded":
@@ -195,6 +271,25 @@ def create_model(
         return model
     _load_into(model, read_state_dict(weights), str(weights))
     return model
+
+
+def size_kwargs(name: str, img_size: int | None) -> dict[str, Any]:
+    """timm ``create_model`` arguments for an input side: ``img_size`` for fixed-size architectures only."""
+    if img_size is None or not model_data_config(name, "none").fixed_input_size:
+        return {}
+    patch = _patch_size(name)
+    if patch and img_size % patch:
+        raise ModelError(f"Invalid --img-size {img_size} for {name}: it cuts images into {patch}-pixel patches, "
+                         f"so the side must be a multiple of {patch} (e.g. {max(patch, img_size // patch * patch)}).")
+    return {"img_size": img_size}
+
+
+def _patch_size(name: str) -> int | None:
+    """The patch side of a ViT-style name (``..._patch16_...``), or None."""
+    import re
+
+    match = re.search(r"patch(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 def backbone_stages(model: nn.Module) -> list[list[str]]:

@@ -129,11 +129,11 @@ class FusionClassifier(_LevelsClassifier):
 
 def create_fusion_model(name: str, num_classes: int, weights: str = "embedded", drop_rate: float = 0.2,
                         levels: int = DEFAULT_FUSION_LEVELS, dim: int = DEFAULT_FUSION_DIM,
-                        channel_attention: bool = True) -> FusionClassifier:
+                        channel_attention: bool = True, img_size: int | None = None) -> FusionClassifier:
     """A pretrained (or random, ``weights='none'``) timm backbone with an attention-fusion head."""
     from tl_deploy.backbones import create_model
 
-    backbone = create_model(name, num_classes=num_classes, weights=weights, drop_rate=0.0)
+    backbone = create_model(name, num_classes=num_classes, weights=weights, drop_rate=0.0, img_size=img_size)
     if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "feature_info"):
         raise ModelError(f"{name!r} has no intermediate-feature API in this timm: use --head linear.")
     backbone.reset_classifier(0)  # type: ignore[operator]
@@ -202,10 +202,11 @@ class MultiLevelClassifier(_LevelsClassifier):
 
 
 def create_multi_level_model(name: str, num_classes: int, weights: str = "embedded",
-                             levels: int = DEFAULT_MULTI_LEVELS, flip_tta: bool = True) -> MultiLevelClassifier:
+                             levels: int = DEFAULT_MULTI_LEVELS, flip_tta: bool = True,
+                             img_size: int | None = None) -> MultiLevelClassifier:
     """A pretrained (or random, ``weights='none'``) timm backbone with the multi-level linear head."""
     from tl_deploy.backbones import create_model
 
-    backbone = create_model(name, num_classes=num_classes, weights=weights, drop_rate=0.0)
+    backbone = create_model(name, num_classes=num_classes, weights=weights, drop_rate=0.0, img_size=img_size)
     backbone.reset_classifier(0)  # type: ignore[operator]
     return MultiLevelClassifier(backbone, num_classes, levels, flip_tta)

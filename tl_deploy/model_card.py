@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from tl_deploy.errors import ArtifactError
+from tl_deploy.errors import ArtifactError, DataError
 from tl_deploy.fileio import read_json
 from tl_deploy.formats.export_manifest import is_export_folder, read_export_manifest
 from tl_deploy.formats.names import ARTIFACT_CONFIG, EXPORT_MANIFEST, parity_report_paths
+from tl_deploy.preprocess import PreprocessSpec
 from tl_deploy.uploads import ImageItem, is_image_name
 
 _logger = logging.getLogger(__name__)
@@ -248,6 +249,19 @@ class ModelCard:
     parity_markdown: str | None = None
     parity_json: dict[str, Any] | None = None
     parity_path: Path | None = None
+
+    def preprocess_origins(self) -> dict[str, str]:
+        """Where each preprocessing value came from (model config, user flag, automatic rule); empty for
+        models written before the spec recorded it."""
+        source = self.preprocess.get("source")
+        return {str(k): str(v) for k, v in source.items()} if isinstance(source, dict) else {}
+
+    def input_description(self) -> str:
+        """The model's preprocessing in one line, each value with its origin where recorded."""
+        try:
+            return PreprocessSpec.from_dict(self.preprocess).describe()
+        except DataError:
+            return ""
 
 
 def parity_report_files(export_dir: Path) -> list[Path]:

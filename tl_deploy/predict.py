@@ -12,7 +12,8 @@ last line is dropped first). Parquet cannot be appended to; it is written once, 
 
 The pipeline: a thread pool decodes and preprocesses the next batches (``preprocess.prepare``, the
 classifier's own path) while the main thread runs ``Classifier.infer`` on the current one;
-``predict_batch`` (arrays in, rows out) is the unit a distributed runner would map over batches.
+``predict_batch`` (arrays in, rows out) is the unit ``--ray`` maps over batches on a Ray Data actor pool
+(``tl_deploy.predict_ray``, imported only then).
 """
 
 from __future__ import annotations
@@ -439,7 +440,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="labels per image, most likely first (default: 5, or every class if fewer)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None, metavar="N",
                    help=f"images per inference call (default: the backend's largest batch, else {DEFAULT_BATCH})")
-    add_threads(p, help="CPU intra-op threads of the backend (default: its own choice)")
+    add_threads(p, help="CPU intra-op threads of the backend (default: its own choice; with --ray: 1 per actor)")
     p.add_argument("--workers", type=COUNT, default=None, metavar="N",
                    help="threads decoding whole batches ahead of inference; 0 decodes on the inference thread "
                         "(default: the CPUs --threads leaves free, 1 to 8; up to 8 on a GPU)")
@@ -448,6 +449,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "at the first (exit 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue an existing .csv/.jsonl output: inputs already in it are skipped")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: alone (or 'local'), a Ray on this machine; 'auto' or an address "
+                        "(ray://host:10001), that cluster; needs the ray extra (put it after the inputs, or "
+                        "--ray=ADDRESS)")
+    p.add_argument("--actors", type=POSITIVE_INT, default=None, metavar="N",
+                   help="with --ray: actors, one classifier each (default: as many as the cluster's CPUs hold "
+                        "at --threads each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip the export files' checksum check")
     add_verbose(p)
@@ -492,6 +500,13 @@ def predict(args: argparse.Namespace) -> int:
     from tl_deploy.reports import classification_result, format_result
     from tl_deploy.runtime import load
 
+    if args.ray is None:
+        refuse_unused(args, ["actors"], "without --ray (they size its actor pool): add --ray or drop it")
+    else:
+        refuse_unused(args, ["workers"], "with --ray (each actor decodes its own batches): drop it, or use --actors")
+        from tl_deploy.predict_ray import import_ray
+
+        import_ray()  # a missing extra is refused before any work
     if args.out.suffix.lower() == ".parquet":
         refuse_unused(args, ["resume"], "with a .parquet output (Parquet cannot be appended to; it is written once "
                                         "at the end): drop it, or write .csv or .jsonl")
@@ -516,11 +531,27 @@ def predict(args: argparse.Namespace) -> int:
                          len(paths))
         batch_size = args.batch_size or classifier.runner.max_batch or DEFAULT_BATCH
         workers = args.workers if args.workers is not None else default_workers(classifier.device, args.threads)
+        pipeline = f"{workers} decode workers"
+        if args.ray is not None and todo:
+            from tl_deploy.predict_ray import RaySettings, run_ray_predictions, start_ray
+
+            settings = RaySettings(args.ray, args.actors, args.threads or 1)
+            started = start_ray(settings, args.verbose)  # an unreachable cluster is refused before FILE is opened
         writer: RowWriter = LineWriter(args.out, top_k) if args.out.suffix.lower() in APPENDABLE \
             else ParquetWriter(args.out)
         try:
-            summary = run_predictions(classifier, todo, writer, top_k=top_k, batch_size=batch_size, workers=workers,
-                                      fail_on_bad=args.on_bad_image == "fail", progress=not args.no_progress)
+            if args.ray is None:
+                summary = run_predictions(classifier, todo, writer, top_k=top_k, batch_size=batch_size,
+                                          workers=workers, fail_on_bad=args.on_bad_image == "fail",
+                                          progress=not args.no_progress)
+            elif todo:
+                summary, pipeline = run_ray_predictions(
+                    args.model, todo, writer, settings=settings, backend=args.backend, precision=args.precision,
+                    verify=not args.no_verify, top_k=top_k, batch_size=batch_size,
+                    fail_on_bad=args.on_bad_image == "fail", progress=not args.no_progress, verbose=args.verbose,
+                    shutdown=started)
+            else:
+                summary = Summary()  # nothing left: no cluster is asked for
         except BaseException:
             if isinstance(writer, LineWriter):
                 writer.close()  # whole batches only are in the file; a Parquet file is not written at all
@@ -529,7 +560,7 @@ def predict(args: argparse.Namespace) -> int:
         summary.skipped = len(paths) - len(todo)
         rows = earlier + summary.rows
         print(f"predicted {summary.written} images in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s, "
-              f"{classifier.backend_name} {classifier.precision}, batch {batch_size}, {workers} decode workers); "
+              f"{classifier.backend_name} {classifier.precision}, batch {batch_size}, {pipeline}); "
               f"{summary.errors} unreadable; {summary.skipped} already in {args.out}")
         pairs = class_folder_labels(rows, classifier.class_names)
         if pairs is not None:

@@ -31,8 +31,13 @@ _INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+INTERPOLATIONS = tuple(_INTERPOLATIONS)  # the resize filters a spec may name
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+# The spec values whose origin ``PreprocessSpec.source`` records (the rest are fixed by tl_deploy).
+SOURCED_FIELDS = ("input_size", "resize", "interpolation", "mean", "std")
+_MAX_SOURCE_CHARS = 200  # a provenance note is a short phrase; the spec may come from an untrusted file
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class PreprocessSpec:
     channel_order: str = "RGB"  # order of the 3 input channels
     layout: str = "NCHW"  # tensor layout of the network input
     background: tuple[int, int, int] = (0, 0, 0)  # transparent pixels are composited onto this
+    # Where each value came from, e.g. ("mean", "model:timm pretrained_cfg ..."), ("input_size", "user:--img-size").
+    # Provenance only: two specs that build the same tensor are equal whatever their sources say.
+    source: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
@@ -75,14 +83,48 @@ class PreprocessSpec:
                 f"Unsupported channel_order={self.channel_order!r}/layout={self.layout!r}: "
                 "use RGB or BGR with NCHW."
             )
+        self._check_source()
+
+    def _check_source(self) -> None:
+        if not isinstance(self.source, tuple) or not all(
+                isinstance(item, tuple) and len(item) == 2 and all(isinstance(v, str) for v in item)
+                for item in self.source):
+            raise DataError(f"Invalid source={str(self.source)[:200]!r}: need (field, origin) pairs of strings.")
+        for key, origin in self.source:
+            if key not in SOURCED_FIELDS:
+                raise DataError(f"Invalid source field {key[:80]!r}: only {', '.join(SOURCED_FIELDS)} have an origin.")
+            if not origin or len(origin) > _MAX_SOURCE_CHARS:
+                raise DataError(f"Invalid source of {key}: need 1 to {_MAX_SOURCE_CHARS} characters.")
 
     @classmethod
     def for_size(cls, input_size: int, crop_pct: float = 1.0, **kwargs: Any) -> PreprocessSpec:
         """Spec for a square input, resizing the shorter side to ``input_size / crop_pct``."""
         return cls(input_size=input_size, resize=int(round(input_size / crop_pct)), **kwargs)
 
+    @property
+    def crop_pct(self) -> float:
+        """The center-crop fraction this spec's sizes imply (``input_size / resize``)."""
+        return self.input_size / self.resize
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """``source`` as a dict: field -> where its value came from (empty for specs written before it)."""
+        return dict(self.source)
+
+    def describe(self) -> str:
+        """One line for logs and the model card: every value, with its origin where recorded."""
+        origin = self.provenance
+        parts = [f"{self.input_size} px", f"resize {self.resize} (crop {self.crop_pct:.3g})", self.interpolation,
+                 f"mean {tuple(round(v, 4) for v in self.mean)}", f"std {tuple(round(v, 4) for v in self.std)}"]
+        keys = ("input_size", "resize", "interpolation", "mean", "std")
+        return ", ".join(f"{text} [{origin[key]}]" if key in origin else text for text, key in zip(parts, keys))
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["source"]
+        if self.source:  # specs without provenance keep the exact dict they always had
+            out["source"] = self.provenance
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> PreprocessSpec:
@@ -98,6 +140,11 @@ class PreprocessSpec:
             for key in ("mean", "std", "background"):
                 if key in values:
                     values[key] = tuple(values[key])
+            if "source" in values:
+                if not isinstance(values["source"], dict):
+                    raise DataError(f"Invalid source {str(values['source'])[:200]!r}: expected an object of "
+                                    "field -> origin strings.")
+                values["source"] = tuple(values["source"].items())
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise DataError(f"Invalid preprocess spec {str(data)[:200]}: {exc}") from exc

@@ -12,7 +12,7 @@ import dataclasses
 from tl_deploy import cli
 from tl_deploy.errors import TlDeployError
 from tl_deploy.train.adaptation import DA_METHODS
-from tl_deploy.train.config import GROUPS, TrainConfig
+from tl_deploy.train.config import GROUPS, TrainConfig, img_size_arg
 
 DESCRIPTION = ("Fine-tune a pretrained classifier on an ImageFolder dataset and write a model artifact. "
                "With no --data, runs the embedded default (Animal-Shape).")
@@ -42,10 +42,14 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:  #
             kwargs["type"] = meta["allowed"]
         if meta["metavar"] is not None:
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
     if f.name == "device":
         kwargs["type"] = cli.device_arg
     if f.name == "bn":
         kwargs["type"] = bn_mode
+    if f.name == "img_size":
+        kwargs["type"] = img_size_arg
     action = group.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
     if meta["old"]:
         cli.old_names(action, *meta["old"])

@@ -11,12 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tl_deploy.backbones import DEFAULT_MODEL
+from tl_deploy.backbones import DEFAULT_MODEL, model_data_config
 from tl_deploy.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Range
 from tl_deploy.data import ON_BAD_IMAGE
 from tl_deploy.errors import TlDeployError
 from tl_deploy.heads import DEFAULT_FUSION_DIM, DEFAULT_FUSION_LEVELS, HEADS
-from tl_deploy.preprocess import PreprocessSpec
+from tl_deploy.preprocess import INTERPOLATIONS, PreprocessSpec
 from tl_deploy.train.adaptation import DA_METHODS
 from tl_deploy.train.stage_cache import CACHE_RUNTIMES
 
@@ -44,6 +44,12 @@ FINETUNE_TARGET_STEPS = 650
 FINETUNE_EPOCHS = (1, 30)  # (fewest, most) automatic fine-tuning epochs
 PROBE_TARGET_STEPS = 4400
 PROBE_EPOCHS = (20, 1000)  # a probe epoch on cached features is ~0.1 ms an image
+IMG_SIZES = Range(int, 8, 4096)
+# --img-size auto: the network sees the data at most this many times its native side. On Animal-Shape (28 px, val):
+# 3x (96 px) lost a point, 5x (144 px) gained 0.1 point for 30% more time; 4x (112 px) it is (docs/training.md).
+AUTO_UPSCALE = 4
+AUTO_SIZE_STEP = 16  # automatic sizes are multiples of this (every stride-32-or-less CNN and patch-16 ViT fits)
+AUTO_MIN_SIZE = 32  # below one 32-pixel cell a CNN's last stage sees a single pixel
 
 # Argument groups of the generated parser, in --help order.
 GROUPS = {
@@ -58,7 +64,7 @@ GROUPS = {
 
 def option(default: Any, help: str, group: str, *, flags: tuple[str, ...] = (), old: tuple[str, ...] = (),
            choices: tuple[str, ...] | None = None, allowed: Range | None = None, metavar: str | None = None,
-           switch: str | None = None) -> Any:
+           switch: str | None = None, nargs: int | None = None) -> Any:
     """A config field with its command-line facts.
 
     Args:
@@ -72,10 +78,31 @@ def option(default: Any, help: str, group: str, *, flags: tuple[str, ...] = (), 
         metavar: the value's name in ``--help``.
         switch: for a bool: ``"on"`` (``--flag`` sets True), ``"off"`` (``--flag`` sets False) or
             ``"both"`` (``--flag/--no-flag``).
+        nargs: the option takes this many values (a tuple field; ``allowed`` checks each).
     """
     meta = {"help": help, "group": group, "flags": flags, "old": old, "choices": choices, "allowed": allowed,
-            "metavar": metavar, "switch": switch}
+            "metavar": metavar, "switch": switch, "nargs": nargs}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def img_size_arg(text: str) -> int | str:
+    """``--img-size``: ``auto`` or a side in pixels."""
+    return "auto" if text == "auto" else int(IMG_SIZES(text))
+
+
+def auto_img_size(pretrained: int, native: int | None) -> tuple[int, str]:
+    """``--img-size auto``: the model's pretrained side, lowered for data far smaller than it; and why.
+
+    Upsampling a small image adds no detail, only compute: the side is capped at ``AUTO_UPSCALE`` times the
+    data's native side (rounded up to ``AUTO_SIZE_STEP``, at least ``AUTO_MIN_SIZE``).
+    """
+    if native is None:
+        return pretrained, f"auto:model's {pretrained} px (data resolution not measured)"
+    cap = max(AUTO_MIN_SIZE, math.ceil(native * AUTO_UPSCALE / AUTO_SIZE_STEP) * AUTO_SIZE_STEP)
+    if cap >= pretrained:
+        return pretrained, f"auto:model's {pretrained} px (data native {native} px)"
+    return cap, (f"auto:data native {native} px, {AUTO_UPSCALE}x upsampled and rounded to {AUTO_SIZE_STEP} "
+                 f"(below the model's {pretrained} px)")
 
 
 @dataclass(frozen=True)
@@ -111,10 +138,20 @@ class TrainConfig:
     model: str = option(DEFAULT_MODEL, "timm architecture name", "model")
     weights: str = option("embedded", "starting weights: embedded (shipped ImageNet weights, efficientnet_lite0 "
                                       "only), hub (download), none, or a file path", "model")
-    img_size: int = option(112, "network input side in pixels", "model", allowed=Range(int, 8, 4096))
-    crop_pct: float = option(1.0, "center-crop fraction: resize the shorter side to img-size / crop-pct, then crop",
-                             "model", allowed=Range(float, 0.0, 1.0, low_open=True))
-    interpolation: str = option("bilinear", "resize filter", "model")
+    img_size: int | str = option("auto", "network input side in pixels; auto: the model's pretrained size, "
+                                         f"capped at {AUTO_UPSCALE}x the data's native size", "model",
+                                 metavar="N|auto")
+    crop_pct: float | None = option(None, "center-crop fraction: resize the shorter side to img-size / crop-pct, "
+                                          "then crop (default: 1.0 for data upsampled to img-size, else the "
+                                          "model's)", "model", allowed=Range(float, 0.0, 1.0, low_open=True))
+    interpolation: str | None = option(None, "resize filter (default: bilinear for data upsampled to img-size, "
+                                             "else the model's)", "model", choices=INTERPOLATIONS)
+    mean: tuple[float, float, float] | None = option(None, "per-channel input mean, R G B on a 0-1 scale "
+                                                           "(default: the model's)", "model", nargs=3,
+                                                     metavar="V", allowed=Range(float))
+    std: tuple[float, float, float] | None = option(None, "per-channel input std, R G B on a 0-1 scale "
+                                                          "(default: the model's)", "model", nargs=3,
+                                                    metavar="V", allowed=Range(float, 0.0, low_open=True))
     drop_rate: float = option(0.2, "dropout before the classifier", "model",
                               allowed=Range(float, 0.0, 1.0, high_open=True))
     bn: str = option("eval", "BatchNorm while fine-tuning: eval keeps the ImageNet statistics (affine still "
@@ -213,6 +250,11 @@ class TrainConfig:
             object.__setattr__(self, "unfreeze", int(self.unfreeze))
         if self.bn == "frozen":  # the earlier name of --bn eval
             object.__setattr__(self, "bn", "eval")
+        if isinstance(self.img_size, str) and self.img_size.isdigit():  # "224" from a saved config is 224
+            object.__setattr__(self, "img_size", int(self.img_size))
+        for name in ("mean", "std"):  # argparse and JSON give lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         """Raise a ``TlDeployError`` naming the first option that is out of range or contradicts another."""
@@ -233,17 +275,26 @@ class TrainConfig:
     def _validate_ranges(self) -> None:
         for f in dataclasses.fields(self):
             allowed, value = f.metadata.get("allowed"), getattr(self, f.name)
-            if allowed is not None and (value is not None or f.default is not None):
-                allowed.check(f"--{f.name.replace('_', '-')}", value)
+            flag = f"--{f.name.replace('_', '-')}"
+            if f.metadata.get("nargs") and allowed is not None and value is not None:
+                if not isinstance(value, tuple) or len(value) != f.metadata["nargs"]:
+                    raise TlDeployError(f"Invalid {flag} {value!r}: give {f.metadata['nargs']} numbers.")
+                for item in value:
+                    allowed.check(flag, item)
+            elif allowed is not None and (value is not None or f.default is not None):
+                allowed.check(flag, value)
+        if self.img_size != "auto" and IMG_SIZES.problem(self.img_size):
+            raise TlDeployError(f"Invalid --img-size {self.img_size!r}: choose auto or {IMG_SIZES.describe()}.")
 
     def _validate_choices(self) -> None:
         if self.strategy not in STRATEGIES:
             raise TlDeployError(f"Invalid strategy {self.strategy!r}. Only {', '.join(STRATEGIES)} are supported.")
         if self.optimizer not in OPTIMIZERS:
             raise TlDeployError(f"Invalid optimizer {self.optimizer!r}. Only SGD and AdamW are supported.")
-        for name in ("balance", "bn", "on_bad_image", "cache_runtime", "amp", "few_shot"):
-            allowed = TrainConfig.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in allowed:
+        for name in ("balance", "bn", "on_bad_image", "cache_runtime", "amp", "few_shot", "interpolation"):
+            declared = TrainConfig.__dataclass_fields__[name]
+            allowed, value = declared.metadata["choices"], getattr(self, name)
+            if value not in allowed and not (value is None and declared.default is None):  # None: "from the model"
                 raise TlDeployError(f"Invalid --{name.replace('_', '-')} {getattr(self, name)!r}. "
                                     f"Only {', '.join(allowed)} are supported.")
 
@@ -355,5 +406,34 @@ class TrainConfig:
             raise TlDeployError(f"--{name.replace('_', '-')} auto has no number before resolve_schedule sees the data.")
         return int(value)
 
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.for_size(self.img_size, self.crop_pct, interpolation=self.interpolation)
+    def spec(self, native_size: int | None = None) -> PreprocessSpec:
+        """The run's preprocessing: the starting weights' own data config, then the user's flags on top.
+
+        ``native_size``: the data's typical shorter side in pixels (``setup.native_size``), which
+        ``--img-size auto`` and the default crop read; None when unmeasured. Every value's origin is recorded
+        in the spec's ``source`` (config.json, ONNX metadata, the model card).
+        """
+        model = model_data_config(self.model, self.weights)
+        if self.img_size == "auto":
+            size, size_from = auto_img_size(model.input_size, native_size)
+        else:
+            size, size_from = int(self.img_size), "user:--img-size"
+        # Data upsampled to the input (small images) keep the whole image and a bilinear resize: on Animal-Shape
+        # (28 -> 112 px, val) the model's crop 0.875 + bicubic and crop 1.0 + bicubic both scored below it.
+        upsampled = native_size is not None and native_size < size
+        why = f"auto:data native {native_size} px upsampled to {size} px"
+        auto = {"crop_pct": (1.0, f"{why} keeps the whole image"), "interpolation": ("bilinear", f"{why}, bilinear")}
+        chosen = {"crop_pct": (self.crop_pct, model.crop_pct),
+                  "interpolation": (self.interpolation, model.interpolation),
+                  "mean": (self.mean, model.mean), "std": (self.std, model.std)}
+        values: dict[str, Any] = {}
+        source = {"input_size": size_from}
+        for key, (given, default) in chosen.items():
+            where = "resize" if key == "crop_pct" else key
+            if given is not None:
+                values[key], source[where] = given, f"user:--{key.replace('_', '-')}"
+            elif upsampled and key in auto:
+                values[key], source[where] = auto[key]
+            else:
+                values[key], source[where] = default, model.source
+        return PreprocessSpec.for_size(size, values.pop("crop_pct"), source=tuple(source.items()), **values)

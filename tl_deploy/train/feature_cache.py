@@ -45,8 +45,9 @@ def samples_digest(samples: Sequence[Sample]) -> str:
 
 
 def cache_key(model_id: str, spec: PreprocessSpec, samples: Sequence[Sample]) -> str:
-    """One key for (model + weights identity, preprocessing, data)."""
-    payload = json.dumps({"model": model_id, "preprocess": spec.to_dict(),
+    """One key for (model + weights identity, preprocessing, data); the spec's provenance is no part of it."""
+    preprocess = {k: v for k, v in spec.to_dict().items() if k != "source"}
+    payload = json.dumps({"model": model_id, "preprocess": preprocess,
                           "data": samples_digest(samples)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

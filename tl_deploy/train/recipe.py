@@ -53,6 +53,7 @@ from tl_deploy.train.setup import (
     build_network,
     check_output,
     features_identity,
+    native_size,
     resolve_data,
     resolve_device,
     run_name,
@@ -113,7 +114,9 @@ def setup(cfg: TrainConfig, dist: DistContext) -> Run:
     class_weights = inverse_frequency(train_samples, len(splits.class_names))
     target = unlabeled_samples(cfg.target_unlabeled) if cfg.da is not None and cfg.target_unlabeled else []
     run = Run(cfg, dist, data_dir, out, splits, train_samples, class_weights, workers, amp, ckpt,
-              target_samples=target, started=started, schedule=schedule)
+              target_samples=target, started=started, schedule=schedule,
+              native_size=native_size(train_samples, cfg.seed))
+    _logger.info("preprocessing: %s", run.spec.describe())
     _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", dist.device,
                  "auto (measured before fine-tuning)" if amp.to_measure else amp.name, workers, run.num_classes,
                  len(train_samples), len(splits.val), len(splits.test))
@@ -123,7 +126,7 @@ def setup(cfg: TrainConfig, dist: DistContext) -> Run:
 def build(run: Run) -> nn.Module:
     """The network with its starting weights, or the checkpoint's with ``--resume``."""
     cfg = run.cfg
-    network = build_network(cfg, run.num_classes)
+    network = build_network(cfg, run.num_classes, run.spec.input_size)
     if cfg.strategy != "linear":
         check_train_stages(network, cfg.stages_to_train())  # before any work, not after the linear probe
     network = network.to(run.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -341,7 +344,7 @@ def training_record(run: Run, cache: StageCache) -> dict[str, Any]:
             "stages_trained": "all" if trained is None else trained, "schedule": run.schedule,
             "frozen_stage_cache": cache.cut is not None, "cache_runtime_used": cache.runtime_used(),
             "few_shot_used": cfg.few_shot_active, "few_shot_reason": cfg.few_shot_choice().reason,
-            "train_images": len(run.train_samples),
+            "native_size": run.native_size, "train_images": len(run.train_samples),
             "val_images": len(run.splits.val), "test_images": len(run.splits.test),
             "skipped_images": [str(b) for b in run.splits.skipped]}
 
@@ -357,7 +360,8 @@ def write_artifact(run: Run, network: nn.Module, cache: StageCache, results: Res
     extra = {"curves.png": curves_png(run.state.history),
              "confusion.png": confusion_png(results.result.confusion, names, f"{split} confusion")}
     network.cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    path = save_artifact(run.out, network, architecture=architecture(run.cfg, run.num_classes), class_names=names,
+    path = save_artifact(run.out, network, architecture=architecture(run.cfg, run.num_classes, run.spec.input_size),
+                         class_names=names,
                          spec=run.spec, training=training, metrics=metrics, extra_files=extra)
     run.ckpt.clear()
     distributed.barrier(run.dist)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class Run:
     ckpt: Checkpointer
     target_samples: list[Sample] = field(default_factory=list)  # --da: the unlabelled target images, read once
     schedule: dict[str, Any] = field(default_factory=dict)  # resolved epochs and why (TrainConfig.resolve_schedule)
+    native_size: int | None = None  # the training images' median shorter side (setup.native_size)
     state: RunState = field(default_factory=RunState)
     resumed: dict[str, Any] | None = None  # the checkpoint this run resumed from
     started: float = field(default_factory=time.perf_counter)
@@ -43,9 +45,10 @@ class Run:
     def device(self) -> torch.device:
         return self.dist.device
 
-    @property
+    @functools.cached_property
     def spec(self) -> PreprocessSpec:
-        return self.cfg.spec()
+        """The run's one preprocessing spec (the model's data config, the flags, the data's native size)."""
+        return self.cfg.spec(self.native_size)
 
     @property
     def num_classes(self) -> int:

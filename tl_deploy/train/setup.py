@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +13,15 @@ import torch
 from torch import nn
 
 from tl_deploy.artifact import Architecture
-from tl_deploy.backbones import EMBEDDED_WEIGHTS, create_model
+from tl_deploy.backbones import EMBEDDED_WEIGHTS, create_model, model_data_config
+from tl_deploy.data import Sample
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import check_output_folder, check_output_writable, sha256_file
 from tl_deploy.heads import DEFAULT_MULTI_LEVELS, MULTI_LEVEL_HEAD, create_fusion_model, create_multi_level_model
 from tl_deploy.train.config import TrainConfig
 
 DEFAULT_DATA = Path("data/animal-shape")
+NATIVE_SAMPLE = 64  # images whose headers give the data's native resolution (--img-size auto)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,24 +103,50 @@ def features_identity(cfg: TrainConfig) -> str:
     return identity if cfg.head == "linear" else f"{identity}|{cfg.head}:{cfg.fusion_levels}"
 
 
-def build_network(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The backbone with the chosen head, starting weights loaded."""
+def native_size(samples: Sequence[Sample], seed: int) -> int | None:
+    """The data's native resolution: the median shorter side of a seeded sample of ``NATIVE_SAMPLE`` images.
+
+    PIL reads only each file's header (no pixels are decoded), so this costs milliseconds on any data set;
+    unreadable files are left to the data checks that report them. None when no image could be read.
+    """
+    from PIL import Image
+
+    chosen = random.Random(seed).sample(list(samples), min(NATIVE_SAMPLE, len(samples)))
+    sides = []
+    for path, _ in chosen:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - PIL raises many types on bad files; they are reported elsewhere
+            continue
+    return int(statistics.median(sides)) if sides else None
+
+
+def input_size_of(cfg: TrainConfig, img_size: int) -> int | None:
+    """What the network is built for: ``img_size`` for fixed-size architectures (ViT), else None (any size)."""
+    return img_size if model_data_config(cfg.model, cfg.weights).fixed_input_size else None
+
+
+def build_network(cfg: TrainConfig, num_classes: int, img_size: int | None = None) -> nn.Module:
+    """The backbone with the chosen head, starting weights loaded (fixed-size backbones built for ``img_size``)."""
     if cfg.few_shot_active:
-        return create_multi_level_model(cfg.model, num_classes, weights=cfg.weights)
+        return create_multi_level_model(cfg.model, num_classes, weights=cfg.weights, img_size=img_size)
     if cfg.head == "attention-fusion":
         return create_fusion_model(cfg.model, num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate,
                                    levels=cfg.fusion_levels, dim=cfg.fusion_dim,
-                                   channel_attention=cfg.channel_attention)
-    return create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate)
+                                   channel_attention=cfg.channel_attention, img_size=img_size)
+    return create_model(cfg.model, num_classes=num_classes, weights=cfg.weights, drop_rate=cfg.drop_rate,
+                        img_size=img_size)
 
 
-def architecture(cfg: TrainConfig, num_classes: int) -> Architecture:
-    """What the artifact records to rebuild the network."""
+def architecture(cfg: TrainConfig, num_classes: int, img_size: int | None = None) -> Architecture:
+    """What the artifact records to rebuild the network (``img_size``: a fixed-size backbone's input side)."""
+    built_for = input_size_of(cfg, img_size) if img_size is not None else None
     if cfg.few_shot_active:
         return Architecture(name=cfg.model, num_classes=num_classes, head=MULTI_LEVEL_HEAD, drop_rate=0.0,
-                            levels=DEFAULT_MULTI_LEVELS, flip_tta=True)
+                            levels=DEFAULT_MULTI_LEVELS, flip_tta=True, img_size=built_for)
     if cfg.head == "attention-fusion":
         return Architecture(name=cfg.model, num_classes=num_classes, head=cfg.head, drop_rate=cfg.drop_rate,
                             fusion_levels=cfg.fusion_levels, fusion_dim=cfg.fusion_dim,
-                            channel_attention=cfg.channel_attention)
-    return Architecture(name=cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate)
+                            channel_attention=cfg.channel_attention, img_size=built_for)
+    return Architecture(name=cfg.model, num_classes=num_classes, drop_rate=cfg.drop_rate, img_size=built_for)

@@ -116,7 +116,9 @@ class CurveConfig:
 
     def train_config(self, seed: int, head: str, scratch: bool = False) -> TrainConfig:
         weights = "none" if scratch else self.weights
-        return TrainConfig(data=self.data, model=self.model, weights=weights, img_size=self.img_size,
+        # crop 1.0 and bilinear: the preprocessing the curve's published figures were measured with.
+        return TrainConfig(data=self.data, model=self.model, weights=weights, img_size=self.img_size, crop_pct=1.0,
+                           interpolation="bilinear",
                            batch_size=self.batch_size, lr=self.scratch_lr if scratch else self.lr,
                            optimizer="adamw" if scratch else self.optimizer, augment=True,
                            backbone_lr_mult=1.0 if scratch else self.backbone_lr_mult, bn="train" if scratch else
