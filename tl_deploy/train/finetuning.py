@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tl_deploy.backbones import pooled_features, set_trainable
-from tl_deploy.data import eval_transform, train_transform
+from tl_deploy.data import Sample, eval_transform, train_transform
 from tl_deploy.errors import TlDeployError
 from tl_deploy.reports import ClassificationResult
 from tl_deploy.train import distributed
@@ -49,8 +49,8 @@ def finetune(run: Run, network: nn.Module, cache: StageCache) -> dict[str, Any] 
     set_trainable(network, cfg.stages_to_train())
     trained = cache.suffix or network  # the layers each epoch runs
     stepped = distributed.data_parallel(trained, run.dist, sync_bn=cfg.sync_bn)  # after freezing: DDP's wrapper
-    per_epoch = steps_per_epoch(run)
-    adapter = make_adapter(run, network, cache, cfg.epochs * per_epoch)
+    per_epoch, epochs = steps_per_epoch(run), cfg.resolved("epochs")
+    adapter = make_adapter(run, network, cache, epochs * per_epoch)
     watch = TargetWatch(run, network, cache) if adapter is not None else None
     optimizer, scheduler = make_optimization(run, network, adapter, per_epoch)
     best = restore_optimization(run, optimizer, scheduler)
@@ -59,7 +59,7 @@ def finetune(run: Run, network: nn.Module, cache: StageCache) -> dict[str, Any] 
     transform = train_transform(run.spec, cfg.augment)
     start_epoch = state.epoch if state.phase == "finetune" else 0
     state.phase = "finetune"
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         # Augmentation + dropout per epoch; each rank draws its own.
         torch.manual_seed(cfg.seed * 100_003 + 7919 * (epoch + 1) + run.dist.rank)
         t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def finetune(run: Run, network: nn.Module, cache: StageCache) -> dict[str, Any] 
                              activations=cache.activations.get("train"), accum_steps=cfg.grad_accum_steps,
                              dist=run.dist)
         train_loss, train_acc = train_one_epoch(stepped, loader, optimizer, scheduler, criterion, run.device,
-                                                run.amp.dtype, scaler, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                run.amp.dtype, scaler, desc=f"epoch {epoch + 1}/{epochs}",
                                                 bn_eval=cfg.bn == "eval", accum_steps=cfg.grad_accum_steps,
                                                 dist=run.dist, adapter=adapter)
         val = validate(run, network, cache)
@@ -201,7 +201,7 @@ def make_optimization(run: Run, network: nn.Module, adapter: DomainAdapter | Non
         groups.append({"params": list(adapter.discriminator.parameters()), "lr": cfg.lr,
                        "weight_decay": cfg.weight_decay})
     optimizer = build_optimizer(groups, cfg.optimizer)
-    return optimizer, warmup_cosine(optimizer, cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch))
+    return optimizer, warmup_cosine(optimizer, cfg.resolved("epochs") * per_epoch, int(cfg.warmup_epochs * per_epoch))
 
 
 def restore_optimization(run: Run, optimizer: torch.optim.Optimizer,
@@ -219,10 +219,10 @@ def restore_optimization(run: Run, optimizer: torch.optim.Optimizer,
     return best
 
 
-def score_cached_val(run: Run, suffix: nn.Module, activations: torch.Tensor, amp: torch.dtype | None,
-                     desc: str) -> ClassificationResult:
-    """Val metrics of the layers after the cut, run on the val images' cached frozen-stage outputs."""
-    loader = make_loader(run.splits.val, None, batch_size=run.cfg.batch_size, seed=run.cfg.seed, train=False,
+def score_cached(run: Run, suffix: nn.Module, samples: list[Sample], activations: torch.Tensor,
+                 amp: torch.dtype | None, desc: str) -> ClassificationResult:
+    """Metrics of the layers after the cut, run on ``samples``' frozen-stage outputs."""
+    loader = make_loader(samples, None, batch_size=run.eval_batch, seed=run.cfg.seed, train=False,
                          activations=activations)
     return summarize(*predict_logits(suffix, loader, run.device, amp, desc=desc), run.num_classes)
 
@@ -230,7 +230,7 @@ def score_cached_val(run: Run, suffix: nn.Module, activations: torch.Tensor, amp
 def validate(run: Run, network: nn.Module, cache: StageCache) -> ClassificationResult:
     """This epoch's val metrics: on the cached frozen-stage outputs when there are some."""
     if cache.suffix is not None:
-        return score_cached_val(run, cache.suffix, cache.activations["val"], run.amp.dtype, "val")
+        return score_cached(run, cache.suffix, run.splits.val, cache.activations["val"], run.amp.dtype, "val")
     return evaluate(network, run.splits.val, run.spec, batch_size=run.cfg.batch_size, device=run.device,
                     amp=run.amp.dtype, workers=run.workers, num_classes=run.num_classes, desc="val", dist=run.dist)
 

@@ -43,7 +43,7 @@ from tl_deploy.train.config import TrainConfig
 from tl_deploy.train.distributed import DistContext
 from tl_deploy.train.feature_cache import cached_features
 from tl_deploy.train.few_shot import few_shot_probe
-from tl_deploy.train.finetuning import finetune, score_cached_val
+from tl_deploy.train.finetuning import finetune, score_cached
 from tl_deploy.train.loaders import default_workers, inverse_frequency
 from tl_deploy.train.loop import evaluate
 from tl_deploy.train.probe import train_probe
@@ -70,6 +70,7 @@ def fit(cfg: TrainConfig) -> Path:
     cfg.validate()
     with distributed.process_group(resolve_device(cfg.device)) as dist:
         run = setup(cfg, dist)
+        cfg = run.cfg  # with the schedule resolved for the data
         network = build(run)
         with prepare_stage_cache(run, network) as cache:
             if cfg.probes and not run.resumes_finetuning():
@@ -104,12 +105,17 @@ def setup(cfg: TrainConfig, dist: DistContext) -> Run:
     train_samples = splits.train
     if cfg.limit_per_class is not None:
         train_samples = limit_per_class(train_samples, cfg.limit_per_class, cfg.seed)
+    cfg, schedule = cfg.resolve_schedule(len(train_samples))  # auto epochs: a budget of steps for this data
+    for name in ("probe_epochs", "epochs"):
+        if f"{name}_reason" in schedule:
+            _logger.info("%s %d: %s", name.replace("_", " "), schedule[name], schedule[f"{name}_reason"])
     workers = cfg.workers if cfg.workers is not None else default_workers(dist.device)
     ckpt = Checkpointer(out, fingerprint=fingerprint(cfg, splits), writer=dist.is_main)
     class_weights = inverse_frequency(train_samples, len(splits.class_names))
     target = unlabeled_samples(cfg.target_unlabeled) if cfg.da is not None and cfg.target_unlabeled else []
     run = Run(cfg, dist, data_dir, out, splits, train_samples, class_weights, workers, amp, ckpt,
-              target_samples=target, started=started, native_size=native_size(train_samples, cfg.seed))
+              target_samples=target, started=started, schedule=schedule,
+              native_size=native_size(train_samples, cfg.seed))
     _logger.info("preprocessing: %s", run.spec.describe())
     _logger.info("device %s, amp %s, %d workers; %d classes, %d train / %d val / %d test images", dist.device,
                  "auto (measured before fine-tuning)" if amp.to_measure else amp.name, workers, run.num_classes,
@@ -209,7 +215,7 @@ def linear_probe(run: Run, network: nn.Module, cache: StageCache) -> None:
         raise ModelError(f"{cfg.model}'s classifier is {type(head).__name__}, not Linear: use --strategy finetune.")
     head.float().cpu()
     run.state.history += train_probe(
-        head, feats["train"], labels["train"], feats["val"], labels["val"], epochs=cfg.probe_epochs,
+        head, feats["train"], labels["train"], feats["val"], labels["val"], epochs=cfg.resolved("probe_epochs"),
         batch_size=cfg.batch_size, lr=cfg.probe_lr, weight_decay=cfg.weight_decay,
         label_smoothing=cfg.label_smoothing, optimizer=cfg.optimizer, seed=cfg.seed,
         loss_weights=run.loss_weights(), sample_weights=run.sample_weights())
@@ -269,14 +275,23 @@ def final_evaluation(run: Run, network: nn.Module, cache: StageCache,
                         workers=run.workers, num_classes=run.num_classes, desc=desc, dist=dist)
 
     split = "test" if run.splits.test else "val"
-    result = score(run.splits.get(split), f"{split} eval")
-    if split == "val":
-        val = result
-    elif cache.suffix is not None and val_acts is not None:  # the frozen stages' val outputs are still in memory
-        val = score_cached_val(run, cache.suffix, val_acts, None, "val eval")
+    samples = run.splits.get(split)
+    if cache.suffix is not None and val_acts is not None and run.dist.world_size == 1:
+        # The frozen stages give the test images the same pass as the train and val images (onnxruntime on a
+        # CPU: several times faster than eager PyTorch, to float rounding the same outputs); the trained
+        # layers run in PyTorch. Test images are read only now, after training and model selection.
+        val = score_cached(run, cache.suffix, run.splits.val, val_acts, None, "val eval")
+        del val_acts
+        result = val if split == "val" else score_cached(
+            run, cache.suffix, samples, cache.outputs(samples, run.spec, batch_size=run.eval_batch,
+                                                      workers=run.workers, desc=f"{split} activations"),
+            None, f"{split} eval")
+        run.eval_path = f"frozen stages on {cache.prefix_runtime}, trained layers in PyTorch"
     else:
-        val = score(run.splits.val, "val eval")
-    del val_acts
+        del val_acts
+        result = score(samples, f"{split} eval")
+        val = result if split == "val" else score(run.splits.val, "val eval")
+        run.eval_path = "PyTorch"
     target = None
     target_test = (target_test_samples(run.cfg.target_unlabeled, run.splits.class_names)
                    if run.cfg.target_unlabeled else None)
@@ -304,6 +319,7 @@ def metrics_of(run: Run, results: Results, elapsed: float) -> dict[str, Any]:
         "phase_seconds": {"setup_and_probe": round(probe_end - run.started, 1),
                           "finetune": round(finetune_end - probe_end, 1),
                           "evaluation": round(run.started + elapsed - finetune_end, 1)},
+        "eval_path": run.eval_path,
         "splits": {split: result.to_dict(names), "val": val.to_dict(names)},
         "history": run.state.history,
     }
@@ -325,7 +341,7 @@ def training_record(run: Run, cache: StageCache) -> dict[str, Any]:
             "device_used": str(run.device), "amp_used": run.amp.name,
             "amp_reason": run.amp.reason, "amp_step_ms": run.amp.step_ms,
             "workers_used": run.workers, "world_size": run.dist.world_size,
-            "stages_trained": "all" if trained is None else trained,
+            "stages_trained": "all" if trained is None else trained, "schedule": run.schedule,
             "frozen_stage_cache": cache.cut is not None, "cache_runtime_used": cache.runtime_used(),
             "few_shot_used": cfg.few_shot_active, "few_shot_reason": cfg.few_shot_choice().reason,
             "native_size": run.native_size, "train_images": len(run.train_samples),

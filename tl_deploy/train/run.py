@@ -33,11 +33,13 @@ class Run:
     amp: AmpChoice
     ckpt: Checkpointer
     target_samples: list[Sample] = field(default_factory=list)  # --da: the unlabelled target images, read once
+    schedule: dict[str, Any] = field(default_factory=dict)  # resolved epochs and why (TrainConfig.resolve_schedule)
     native_size: int | None = None  # the training images' median shorter side (setup.native_size)
     state: RunState = field(default_factory=RunState)
     resumed: dict[str, Any] | None = None  # the checkpoint this run resumed from
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)  # step name -> perf_counter at its end
+    eval_path: str = "PyTorch"  # what computed the final evaluation (metrics.json)
 
     @property
     def device(self) -> torch.device:

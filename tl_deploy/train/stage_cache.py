@@ -198,6 +198,7 @@ class StageCache:
         self.used: set[str] = set()  # runtimes that really ran a pass
         self.activations: dict[str, torch.Tensor] = {}  # split name -> (N, C, h, w) prefix outputs
         self._features: FrozenForward | None = None  # built on the first feature pass (an export takes ~1 s)
+        self._prefix: FrozenForward | None = None  # the frozen stages' pass of fill(), reused by outputs()
         self._opened: list[FrozenForward] = []  # every forward built, to release their sessions
 
     @property
@@ -230,11 +231,20 @@ class StageCache:
         """Compute and keep the prefix outputs of every split in ``splits`` (name -> samples)."""
         if self.cut is None:
             return
-        prefix = self.forward(self.cut[0], torch.zeros(1, 3, spec.input_size, spec.input_size))
         for name, samples in splits.items():
-            self.activations[name] = compute_activations(self.cut[0], samples, spec, device=self.device,
-                                                         batch_size=batch_size, workers=workers,
-                                                         desc=f"{name} activations", forward=prefix)
+            self.activations[name] = self.outputs(samples, spec, batch_size=batch_size, workers=workers,
+                                                  desc=f"{name} activations")
+
+    def outputs(self, samples: Sequence[Sample], spec: PreprocessSpec, *, batch_size: int, workers: int,
+                desc: str) -> torch.Tensor:
+        """(N, C, h, w) frozen-stage outputs of ``samples`` on the cache runtime, not kept: the final
+        evaluation scores the test images through the same pass as the train and val images."""
+        if self.cut is None:
+            raise TlDeployError("This run has no frozen-stage cut: its images run through the whole network.")
+        if self._prefix is None:
+            self._prefix = self.forward(self.cut[0], torch.zeros(1, 3, spec.input_size, spec.input_size))
+        return compute_activations(self.cut[0], samples, spec, device=self.device, batch_size=batch_size,
+                                   workers=workers, desc=desc, forward=self._prefix)
 
     def features(self, model: nn.Module, name: str, samples: Sequence[Sample], spec: PreprocessSpec, *,
                  batch_size: int, workers: int, dist: DistContext = SINGLE) -> torch.Tensor:
@@ -251,6 +261,11 @@ class StageCache:
             self._features = self.forward(model, image, call=pooled_features)
         return compute_features(model, samples, spec, device=self.device, batch_size=batch_size, workers=workers,
                                 desc=f"{name} features", dist=dist, forward=self._features)
+
+    @property
+    def prefix_runtime(self) -> str | None:
+        """The runtime of the frozen stages' pass (None before ``fill`` or ``outputs`` ran one)."""
+        return self._prefix.runtime if self._prefix is not None else None
 
     def runtime_used(self) -> str | None:
         """The runtimes that ran a pass, comma-separated (None: no pass ran)."""
