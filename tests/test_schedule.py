@@ -25,8 +25,8 @@ from .test_finetune import tiny_config
 
 def test_the_default_data_keeps_its_schedule() -> None:
     cfg, record = TrainConfig().resolve_schedule(7000)  # Animal-Shape's train split, batch 32
-    assert (cfg.epochs, cfg.probe_epochs) == (3, 20)
-    assert record["epochs"] == 3 and "218 steps an epoch" in record["epochs_reason"]
+    assert (cfg.epochs, cfg.probe_epochs) == (2, 20)
+    assert record["epochs"] == 2 and "218 steps an epoch" in record["epochs_reason"]
     assert record["epochs_reason"].startswith("auto")
 
 
@@ -61,7 +61,7 @@ def test_phases_the_strategy_lacks_are_not_resolved() -> None:
     linear, record = TrainConfig(strategy="linear").resolve_schedule(7000)
     assert linear.epochs is None and "epochs" not in record and record["probe_epochs"] == 20
     partial, record = TrainConfig(strategy="partial").resolve_schedule(7000)
-    assert partial.probe_epochs is None and "probe_epochs" not in record and record["epochs"] == 3
+    assert partial.probe_epochs is None and "probe_epochs" not in record and record["epochs"] == 2
     few_shot, record = TrainConfig(strategy="linear", limit_per_class=10).resolve_schedule(100)
     assert few_shot.few_shot_active and "probe_epochs" not in record  # it counts --few-shot-steps instead
 
