@@ -4,9 +4,11 @@ What fine-tuning really runs: an AdamW step (the fused kernel) of the trained st
 efficientnet_lite0 on the frozen stages' cached outputs, at 112 px. Prints ms per image of a step for
 channels_last against contiguous tensors, batch 32 and 64, and 3 or 4 trained stages (median of
 interleaved rounds), then the frozen-stage pass that fills the cache with 0, 1 and 2 DataLoader workers
-decoding the images.
+decoding the images. With ``--compile``: ``torch.compile`` of the trained suffix (4 stages, batch 32,
+channels_last), its compile time and steady step against eager in interleaved rounds, and the steps a
+job needs before the compile pays back (the default job runs 436).
 
-    python bench/bench_train_step.py [--threads 2] [--rounds 6] [--images 2000]
+    python bench/bench_train_step.py [--threads 2] [--rounds 6] [--images 2000] [--compile]
 """
 
 from __future__ import annotations
@@ -70,6 +72,43 @@ def time_steps(rounds: int) -> None:
         print(f"  {c[0]} trained stages, batch {c[1]}, {c[2]}: {statistics.median(times[c]):.2f}")
 
 
+def time_compile(rounds: int, job_steps: int = 436) -> None:
+    """Eager against ``torch.compile`` on the default training step: compile seconds and break-even."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    runs: dict[str, tuple[nn.Module, torch.Tensor, torch.optim.Optimizer]] = {}
+    for name in ("eager", "compiled"):
+        suffix, h, optimizer = step_setup(4, torch.channels_last)
+        runs[name] = (torch.compile(suffix) if name == "compiled" else suffix, h[:32], optimizer)  # type: ignore[assignment]
+    y = torch.arange(32) % 10
+
+    def step(name: str) -> float:
+        module, x, optimizer = runs[name]
+        set_train_mode(module, True)
+        start = time.perf_counter()
+        loss = criterion(module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    step("eager")
+    first = step("compiled")  # compiles the forward and backward graphs
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for name in times:
+            times[name].append(statistics.median(step(name) for _ in range(5)))
+    eager, compiled = (statistics.median(times[n]) * 1000 for n in ("eager", "compiled"))
+    saved = eager - compiled
+    print(f"torch.compile: first step {first:.1f} s (compiling), then {compiled:.1f} ms per step against eager "
+          f"{eager:.1f} ms ({eager / compiled:.2f}x)")
+    if saved > 0:
+        steps = (first - compiled / 1000) / (saved / 1000)
+        print(f"  pays back after {steps:.0f} steps; the default job runs {job_steps}: "
+              f"{'pays back' if steps < job_steps else 'does not pay back'}")
+    else:
+        print("  no faster than eager: never pays back")
+
+
 def time_fill(images: int, rounds: int) -> None:
     splits = load_splits(Path("data/animal-shape"), None, 0)
     samples = splits.train[:images]
@@ -92,8 +131,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--images", type=int, default=2000, help="images of the cache-fill pass")
+    p.add_argument("--compile", action="store_true", help="only time torch.compile against eager")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:
+        time_compile(args.rounds)
+        return
     time_steps(args.rounds)
     time_fill(args.images, max(1, args.rounds // 3))
 
