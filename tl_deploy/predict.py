@@ -148,9 +148,22 @@ class Row:
         return {"path": self.path, "labels": list(self.labels), "probabilities": list(self.probabilities),
                 "backend": self.backend, "precision": self.precision, "error": self.error or None}
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Row:
+        """Inverse of ``to_json`` (a JSONL line, a row of a ``row_columns`` table); a key missing raises KeyError."""
+        return cls(str(doc["path"]), tuple(doc["labels"]), tuple(float(p) for p in doc["probabilities"]),
+                   str(doc["backend"]), str(doc["precision"]), doc["error"] or "")
+
     @property
     def label(self) -> str | None:
         return self.labels[0] if self.labels else None
+
+
+def row_columns(rows: Sequence[Row]) -> dict[str, list[Any]]:
+    """Rows as columns, named and valued as ``Row.to_json`` (a Parquet file, a Ray table)."""
+    return {"path": [r.path for r in rows], "labels": [list(r.labels) for r in rows],
+            "probabilities": [list(r.probabilities) for r in rows], "backend": [r.backend for r in rows],
+            "precision": [r.precision for r in rows], "error": [r.error or None for r in rows]}
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -221,11 +234,7 @@ class ParquetWriter:
 
     def close(self) -> None:
         pa, pq = self.pq
-        columns = {"path": [r.path for r in self.rows],
-                   "labels": [list(r.labels) for r in self.rows],
-                   "probabilities": [list(r.probabilities) for r in self.rows],
-                   "backend": [r.backend for r in self.rows], "precision": [r.precision for r in self.rows],
-                   "error": [r.error or None for r in self.rows]}
+        columns = row_columns(self.rows)
         schema = pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
                             ("probabilities", pa.list_(pa.float32())), ("backend", pa.string()),
                             ("precision", pa.string()), ("error", pa.string())])
@@ -281,9 +290,7 @@ def read_rows(path: Path, top_k: int) -> list[Row]:
         return rows
     for number, line in enumerate(text.splitlines(), 1):
         try:
-            doc = json.loads(line)
-            rows.append(Row(str(doc["path"]), tuple(doc["labels"]), tuple(float(p) for p in doc["probabilities"]),
-                            str(doc["backend"]), str(doc["precision"]), doc["error"] or ""))
+            rows.append(Row.from_json(json.loads(line)))
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} line {number} is not a predict row ({exc}): choose another --out.") from exc
     return rows
@@ -305,6 +312,12 @@ class Summary:
     @property
     def images_per_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, rows: Sequence[Row]) -> None:
+        """Count one batch's rows, once they are in the output."""
+        self.rows.extend(rows)
+        self.written += len(rows)
+        self.errors += sum(1 for r in rows if r.error)
 
 
 @dataclass(frozen=True)
@@ -414,9 +427,7 @@ def run_predictions(classifier: Classifier, paths: Sequence[Path], writer: RowWr
                                     "the output: fix or remove the file, then run again with --resume)")
                 rows = predict_batch(classifier, batch, top_k)
                 writer.write(rows)
-                summary.rows.extend(rows)
-                summary.written += len(rows)
-                summary.errors += sum(1 for r in rows if r.error)
+                summary.add(rows)
                 bar.update(len(rows))
         finally:
             batches.close()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tl_deploy import errors
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError, UsageError
-from tl_deploy.predict import Row, RowWriter, Summary, _usable_cpus, decode_batch, predict_batch
+from tl_deploy.predict import Row, RowWriter, Summary, _usable_cpus, decode_batch, predict_batch, row_columns
 
 if TYPE_CHECKING:
     from tl_deploy.runtime import Classifier
@@ -110,13 +110,10 @@ def rows_table(rows: Sequence[Row], load_error: str = "") -> Any:
     ``load_error``: ``"ClassName: message"`` of a model the actor could not load (the rows are empty)."""
     import pyarrow as pa
 
-    return pa.table({"load_error": pa.array([load_error] * len(rows), pa.string()),
-                     "path": pa.array([r.path for r in rows], pa.string()),
-                     "labels": pa.array([list(r.labels) for r in rows], pa.list_(pa.string())),
-                     "probabilities": pa.array([list(r.probabilities) for r in rows], pa.list_(pa.float64())),
-                     "backend": pa.array([r.backend for r in rows], pa.string()),
-                     "precision": pa.array([r.precision for r in rows], pa.string()),
-                     "error": pa.array([r.error for r in rows], pa.string())})
+    types = {"path": pa.string(), "labels": pa.list_(pa.string()), "probabilities": pa.list_(pa.float64()),
+             "backend": pa.string(), "precision": pa.string(), "error": pa.string()}
+    columns = {name: pa.array(values, types[name]) for name, values in row_columns(rows).items()}
+    return pa.table({"load_error": pa.array([load_error] * len(rows), pa.string()), **columns})
 
 
 def table_rows(table: Any) -> list[Row]:
@@ -127,8 +124,7 @@ def table_rows(table: Any) -> list[Row]:
         kind = getattr(errors, name, None)
         kind = kind if isinstance(kind, type) and issubclass(kind, TlDeployError) else TlDeployError
         raise kind(f"on a Ray actor: {message}")
-    return [Row(d["path"], tuple(d["labels"]), tuple(d["probabilities"]), d["backend"], d["precision"],
-                d["error"] or "") for d in table.to_pylist()]
+    return [Row.from_json(d) for d in table.to_pylist()]
 
 
 def start_ray(settings: RaySettings, verbose: bool = False) -> bool:
@@ -223,9 +219,7 @@ def run_ray_predictions(model: Path, paths: Sequence[Path], writer: RowWriter, *
                                     "finished before it are in the output: fix or remove the file, then run again "
                                     "with --resume)")
                 writer.write(rows)
-                summary.rows.extend(rows)
-                summary.written += len(rows)
-                summary.errors += sum(1 for r in rows if r.error)
+                summary.add(rows)
                 bar.update(len(rows))
                 first = time.perf_counter() - start if first is None else first
         summary.seconds = time.perf_counter() - start
