@@ -273,9 +273,14 @@ def create_model(
     return model
 
 
+def fixed_input_size(name: str) -> bool:
+    """Whether the architecture ``name`` is built for one input size (ViT-style position embeddings)."""
+    return model_data_config(name, "none").fixed_input_size
+
+
 def size_kwargs(name: str, img_size: int | None) -> dict[str, Any]:
     """timm ``create_model`` arguments for an input side: ``img_size`` for fixed-size architectures only."""
-    if img_size is None or not model_data_config(name, "none").fixed_input_size:
+    if img_size is None or not fixed_input_size(name):
         return {}
     patch = _patch_size(name)
     if patch and img_size % patch:

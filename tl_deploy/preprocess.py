@@ -119,8 +119,8 @@ class PreprocessSpec:
         origin = self.provenance
         parts = [f"{self.input_size} px", f"resize {self.resize} (crop {self.crop_pct:.3g})", self.interpolation,
                  f"mean {tuple(round(v, 4) for v in self.mean)}", f"std {tuple(round(v, 4) for v in self.std)}"]
-        keys = ("input_size", "resize", "interpolation", "mean", "std")
-        return ", ".join(f"{text} [{origin[key]}]" if key in origin else text for text, key in zip(parts, keys))
+        return ", ".join(f"{text} [{origin[key]}]" if key in origin else text
+                         for text, key in zip(parts, SOURCED_FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tl_deploy.artifact import Architecture
-from tl_deploy.backbones import EMBEDDED_WEIGHTS, create_model, model_data_config
+from tl_deploy.backbones import EMBEDDED_WEIGHTS, create_model, fixed_input_size
 from tl_deploy.data import Sample
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.fileio import check_output_folder, check_output_writable, sha256_file
@@ -124,7 +124,7 @@ def native_size(samples: Sequence[Sample], seed: int) -> int | None:
 
 def input_size_of(cfg: TrainConfig, img_size: int) -> int | None:
     """What the network is built for: ``img_size`` for fixed-size architectures (ViT), else None (any size)."""
-    return img_size if model_data_config(cfg.model, cfg.weights).fixed_input_size else None
+    return img_size if fixed_input_size(cfg.model) else None
 
 
 def build_network(cfg: TrainConfig, num_classes: int, img_size: int | None = None) -> nn.Module:
