@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,25 @@ def test_runner_lifecycle_settings_then_compile_then_release(export_dir: Path) -
     assert not runner.is_active and runner.compiled is None
     with pytest.raises(BackendUnavailableError, match="Invalid threads=0"):
         OpenVinoRunner(export_dir / "model.onnx", threads=0)
+
+
+def test_streams_compile_that_many_requests_sharing_the_threads(export_dir: Path, test_images: list[Path]) -> None:
+    runner = OpenVinoRunner(export_dir / "model.onnx", threads=2, streams=2)
+    assert runner.compile_config() == {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
+                                       "NUM_STREAMS": "2", "INFERENCE_NUM_THREADS": "2"}
+    with pytest.raises(BackendUnavailableError, match="Invalid streams=0"):
+        OpenVinoRunner(export_dir / "model.onnx", streams=0)
+    clf = load(export_dir, backend="openvino", precision="fp32", threads=2, streams=2)
+    with clf:
+        assert clf.streams == 2  # read back from the compiled model
+        batches = [clf.preprocess(test_images[i:i + 4]) for i in range(0, 16, 4)]
+        serial = [clf.infer(b) for b in batches]
+        with ThreadPoolExecutor(2) as pool:
+            at_once = list(pool.map(clf.infer, batches))
+    for a, b in zip(at_once, serial):
+        np.testing.assert_array_equal(a, b)
+    with load(export_dir, backend="openvino", precision="fp32", threads=2) as one:
+        assert one.streams == 1
 
 
 def test_one_image_runs_a_graph_compiled_for_batch_one(export_dir: Path) -> None:

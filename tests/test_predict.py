@@ -14,13 +14,15 @@ import pytest
 
 from tests.conftest import TINY_CLASSES
 from tl_deploy.errors import DataError
-from tl_deploy.predict import collect_inputs, csv_header, main, read_rows
+from tl_deploy.predict import collect_inputs, csv_header, decoded_batches, main, read_rows
+from tl_deploy.preprocess import prepare
 
 TEST_IMAGES = 8 * len(TINY_CLASSES)  # tiny_data's test split
 
 
 def run(model: Path, *args: str | Path) -> int:
-    return main([str(model), *(str(a) for a in args), "--threads", "2", "--workers", "2", "--no-progress"])
+    return main([str(model), *(str(a) for a in args), "--threads", "2", "--workers", "2", "--streams", "2",
+                 "--no-progress"])
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,35 @@ def test_decoding_inline_or_in_a_pool_gives_the_same_rows(model: Path, tiny_data
         assert [json.loads(line) for line in out.read_text().splitlines()] == reference
 
 
+@pytest.mark.parametrize("streams", ["1", "3"])
+def test_batches_inferred_at_once_give_the_same_rows(model: Path, tiny_data: Path, tmp_path: Path,
+                                                     reference: list[dict], streams: str) -> None:
+    """Batches of 2 (12 of them) on 1 or 3 streams, 2 decoding ahead: the rows of 2 streams, in order.
+    A batch's array written over while it is still inferred would show as other images' labels."""
+    out = tmp_path / f"s{streams}.jsonl"
+    assert main([str(model), str(tiny_data / "test"), "--out", str(out), "--top-k", "2", "--batch-size", "2",
+                 "--threads", "3", "--workers", "2", "--streams", streams, "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["path"], r["labels"]) for r in rows] == [(r["path"], r["labels"]) for r in reference]
+    np.testing.assert_allclose([r["probabilities"] for r in rows], [r["probabilities"] for r in reference],
+                               rtol=1e-5)  # other thread counts per call: other float summation orders
+
+
+@pytest.mark.parametrize("held", [1, 2, 3])
+def test_a_reused_array_is_written_over_only_after_held_newer_batches(tiny_data: Path, held: int) -> None:
+    from tl_deploy.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=16, resize=16)
+    paths = collect_inputs([str(tiny_data / "test")])[:14]
+    expected = [np.stack([prepare(p, spec) for p in paths[i:i + 2]]) for i in range(0, len(paths), 2)]
+    got = []
+    for i, batch in enumerate(decoded_batches(paths, spec, 2, 0, reuse=True, held=held)):
+        got.append(batch.images)
+        for j in range(max(0, i - held + 1), i + 1):  # the batches the consumer may still use: intact
+            np.testing.assert_array_equal(got[j], expected[j])
+    assert len({a.__array_interface__["data"][0] for a in got}) == held  # inline decoding: held arrays in turn
+
+
 def test_unreadable_images_get_an_error_row_and_are_counted(model: Path, tiny_data: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "mixed"
@@ -97,8 +128,8 @@ def test_on_bad_image_fail_stops_with_exit_1(model: Path, tiny_data: Path, tmp_p
     assert run(model, tiny_data / "test" / "bar", bad, "--out", out, "--batch-size", "4",
                "--on-bad-image", "fail") == 1
     err = capsys.readouterr().err.splitlines()[-1]  # after the loading log lines
-    assert err.startswith("error: ") and "bad.png" in err
-    assert len(out.read_text().splitlines()) == 8  # the two whole batches before the bad one
+    assert err.startswith("error: ") and "bad.png" in err and "the 8 rows before it are in the output" in err
+    assert len(out.read_text().splitlines()) == 8  # the two whole batches before the bad one, both in flight
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

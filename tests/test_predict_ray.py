@@ -157,7 +157,8 @@ def test_without_ray_one_line_and_nothing_touched(model: Path, images: Path, tmp
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--actors", "2"], "--actors does nothing without --ray"),
-                                                (["--ray", "--workers", "1"], "--workers does nothing with --ray")])
+                                                (["--ray", "--workers", "1"], "--workers does nothing with --ray"),
+                                                (["--ray", "--streams", "2"], "--streams does nothing with --ray")])
 def test_ray_flags_that_do_nothing_are_refused(model: Path, images: Path, tmp_path: Path, flags: list[str],
                                                message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(model, images, "--out", tmp_path / "p.jsonl", *flags) == 2

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,25 @@ def test_infer_chunks_large_batches(export_dir: Path, torch_clf, test_images) ->
     x = np.repeat(torch_clf.preprocess(test_images[:1]), 70, axis=0)  # > 64 per runner call
     out = clf.infer(x)
     assert out.shape == (70, 3) and np.allclose(out, out[:1], atol=1e-5)
+
+
+def test_onnxruntime_streams_split_the_threads(export_dir: Path, tiny_artifact: Path,
+                                              test_images: list[Path]) -> None:
+    """streams=2 of threads=2: one intra-op thread per call, two calls at once, the same logits."""
+    with load(export_dir / "model.onnx", device="cpu", threads=2, streams=2) as clf:
+        assert clf.streams == 2 and clf.runner.session.get_session_options().intra_op_num_threads == 1
+        batches = [clf.preprocess(test_images[i:i + 4]) for i in range(0, 16, 4)]
+        serial = [clf.infer(b) for b in batches]
+        with ThreadPoolExecutor(2) as pool:
+            at_once = list(pool.map(clf.infer, batches))
+    for a, b in zip(at_once, serial):
+        np.testing.assert_array_equal(a, b)
+    with load(export_dir / "model.onnx", device="cpu", threads=2) as clf:
+        assert clf.streams == 1 and clf.runner.session.get_session_options().intra_op_num_threads == 2
+    with load(tiny_artifact, device="cpu", streams=2) as clf:
+        assert clf.streams == 1  # torch: one inference thread
+    with pytest.raises(TlDeployError, match="Invalid streams=0"):
+        load(export_dir, streams=0)
 
 
 THREADS, PER_THREAD = 8, 200

@@ -51,6 +51,7 @@ from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError, 
 from tl_deploy.fileio import atomic_write_bytes, atomic_write_json, check_report_path
 from tl_deploy.formats.export_manifest import read_export_manifest
 from tl_deploy.reports import format_table
+from tl_deploy.runtime.base import usable_cpus
 from tl_deploy.runtime.catalog import BackendChoice, open_backend, parse_backends, resolve_backends
 from tl_deploy.runtime.classifier import Classifier
 from tl_deploy.runtime.gpu import cuda_problem, tensorrt_problem
@@ -203,8 +204,7 @@ def _e2e_files(model_dir: Path, data: Path | None, split: str, count: int,
 
 def machine_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                            else os.cpu_count()}
+                            "cpus_usable": usable_cpus()}
     if device.startswith("cuda"):
         import torch
 
@@ -244,7 +244,7 @@ def run_bench(model_dir: str | Path, export_dir: str | Path, *, backends: Sequen
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     manifest = read_export_manifest(export_dir, model_dir=model_dir)
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or usable_cpus()
     if threads < 1:
         raise TlDeployError(f"Invalid --threads {threads}: choose 1 or more.")
     cuda = cuda_problem()

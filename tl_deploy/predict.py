@@ -50,6 +50,7 @@ from tl_deploy.cli import (
 from tl_deploy.errors import ArtifactError, DataError, OutputError, UsageError
 from tl_deploy.fileio import atomic_path, check_output_writable
 from tl_deploy.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare_batch
+from tl_deploy.runtime.base import usable_cpus
 
 if TYPE_CHECKING:
     from tl_deploy.runtime import Classifier
@@ -354,7 +355,7 @@ def predict_batch(classifier: Classifier, batch: DecodedBatch, top_k: int) -> li
 
 
 def decoded_batches(paths: Sequence[Path], spec: PreprocessSpec, batch_size: int, workers: int, *,
-                    reuse: bool = False) -> Generator[DecodedBatch, None, None]:
+                    reuse: bool = False, held: int = 1) -> Generator[DecodedBatch, None, None]:
     """The inputs decoded in batches of ``batch_size``, in order.
 
     ``workers`` > 0: a thread pool decodes whole batches ahead of the one handed out (at least
@@ -362,13 +363,15 @@ def decoded_batches(paths: Sequence[Path], spec: PreprocessSpec, batch_size: int
     TensorRT release the GIL while they compute). 0: each batch is decoded when it is asked for, on the
     calling thread (no overlap; docs/predict.md compares the two).
 
-    ``reuse``: a batch's ``images`` array is written over by a later batch once the next one is asked
-    for (for a consumer that keeps rows, not arrays: ``run_predictions``); the few arrays in flight are
-    allocated once instead of a fresh 4.8 MB per batch of 32, whose page faults cost as much as the
-    normalisation (``preprocess.normalize_batch``).
+    ``reuse``: a batch's ``images`` array is written over by a later batch once ``held`` newer batches
+    have been asked for (for a consumer that keeps rows, not arrays, and has at most ``held`` batches
+    in use at a time: ``run_predictions``); the few arrays in flight are allocated once instead of a
+    fresh 4.8 MB per batch of 32, whose page faults cost as much as the normalisation
+    (``preprocess.normalize_batch``).
     """
     chunks = (list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
     spare: list[np.ndarray] = []  # arrays of batches handed out and done with (reuse only)
+    handed: deque[np.ndarray | None] = deque()  # the arrays of the batches the consumer may still use
 
     def array() -> np.ndarray | None:
         if not reuse:
@@ -376,9 +379,18 @@ def decoded_batches(paths: Sequence[Path], spec: PreprocessSpec, batch_size: int
         size = spec.input_size
         return spare.pop() if spare else np.empty((batch_size, 3, size, size), dtype=np.float32)
 
+    def release() -> None:
+        """The consumer asks for another batch: the oldest of the ``held`` it may use is done with."""
+        if len(handed) >= held:
+            free = handed.popleft()
+            if free is not None:
+                spare.append(free)
+
     if workers == 0:
-        out = array()
         for chunk in chunks:
+            release()  # first: this batch is decoded into the array it frees
+            out = array()
+            handed.append(out)
             yield decode_batch(chunk, spec, out)
         return
     pending: deque[tuple[Future[DecodedBatch], np.ndarray | None]] = deque()
@@ -389,26 +401,67 @@ def decoded_batches(paths: Sequence[Path], spec: PreprocessSpec, batch_size: int
                 out = array()
                 pending.append((pool.submit(decode_batch, chunk, spec, out), out))
 
-        handed: np.ndarray | None = None  # the array of the batch the consumer has
         try:
             for _ in range(max(PREFETCH_BATCHES, workers) + 1):
                 submit_next()
             while pending:
                 future, out = pending.popleft()
-                if handed is not None:  # asked for the next batch: done with the last one
-                    spare.append(handed)
+                release()
+                handed.append(out)
                 submit_next()
-                batch = future.result()
-                handed = out
-                yield batch
+                yield future.result()
         finally:  # stopped early (an error, --on-bad-image fail, Ctrl-C): drop the decoding ahead
             for future, _ in pending:
                 future.cancel()
 
 
+def predicted_rows(classifier: Classifier, batches: Iterable[DecodedBatch], top_k: int, *,
+                   fail_on_bad: bool = False) -> Generator[list[Row], None, None]:
+    """``predict_batch`` of every batch, its rows handed out in the batches' order.
+
+    With ``classifier.streams`` > 1 (``load(streams=)``) that many batches infer at once, each from a
+    thread of its own; the oldest one's rows are handed out before the next batch is taken from
+    ``batches``, so at most ``streams`` batches are in use (``decoded_batches(held=streams)``).
+    ``fail_on_bad``: raise the first unreadable image's ``DataError`` instead of inferring its batch,
+    after handing out the rows of every batch before it.
+    """
+    streams = classifier.streams
+    handed = 0
+    inflight: deque[Future[list[Row]]] = deque()
+    with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
+        try:
+            for batch in batches:
+                bad = next(iter(batch.errors.values()), None)
+                if fail_on_bad and bad is not None:
+                    while inflight:
+                        rows = inflight.popleft().result()
+                        handed += len(rows)
+                        yield rows
+                    raise DataError(f"{bad} (--on-bad-image fail; the {handed} rows before it are in the output: "
+                                    "fix or remove the file, then run again with --resume)")
+                if streams == 1:
+                    rows = predict_batch(classifier, batch, top_k)
+                    handed += len(rows)
+                    yield rows
+                    continue
+                inflight.append(pool.submit(predict_batch, classifier, batch, top_k))
+                if len(inflight) == streams:
+                    rows = inflight.popleft().result()
+                    handed += len(rows)
+                    yield rows
+            while inflight:
+                rows = inflight.popleft().result()
+                handed += len(rows)
+                yield rows
+        finally:  # stopped early: the batches not yet started are dropped, the running ones finish
+            for future in inflight:
+                future.cancel()
+
+
 def run_predictions(classifier: Classifier, paths: Sequence[Path], writer: RowWriter, *, top_k: int, batch_size: int,
                     workers: int, fail_on_bad: bool = False, progress: bool = True) -> Summary:
-    """Decode ``paths`` (``decoded_batches``), infer batch by batch, hand each batch's rows to ``writer``.
+    """Decode ``paths`` (``decoded_batches``), infer batch by batch (``predicted_rows``), hand each
+    batch's rows to ``writer``.
 
     ``fail_on_bad``: raise the first unreadable image's ``DataError`` before writing its batch (the
     batches before it are kept).
@@ -418,18 +471,15 @@ def run_predictions(classifier: Classifier, paths: Sequence[Path], writer: RowWr
     summary = Summary()
     start = time.perf_counter()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr) as bar:
-        batches = decoded_batches(paths, classifier.spec, batch_size, workers, reuse=True)
+        batches = decoded_batches(paths, classifier.spec, batch_size, workers, reuse=True, held=classifier.streams)
+        results = predicted_rows(classifier, batches, top_k, fail_on_bad=fail_on_bad)
         try:
-            for batch in batches:
-                bad = next(iter(batch.errors.values()), None)
-                if fail_on_bad and bad is not None:
-                    raise DataError(f"{bad} (--on-bad-image fail; the {summary.written} rows before it are in "
-                                    "the output: fix or remove the file, then run again with --resume)")
-                rows = predict_batch(classifier, batch, top_k)
+            for rows in results:
                 writer.write(rows)
                 summary.add(rows)
                 bar.update(len(rows))
         finally:
+            results.close()
             batches.close()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -469,6 +519,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None, metavar="N",
                    help=f"images per inference call (default: the backend's largest batch, else {DEFAULT_BATCH})")
     add_threads(p, help="CPU intra-op threads of the backend (default: its own choice; with --ray: 1 per actor)")
+    p.add_argument("--streams", type=POSITIVE_INT, default=None, metavar="N",
+                   help="CPU: batches inferred at once, sharing --threads (default: 2 where the threads split "
+                        "in two, else 1); a GPU runs 1")
     p.add_argument("--workers", type=COUNT, default=None, metavar="N",
                    help="threads decoding whole batches ahead of inference; 0 decodes on the inference thread "
                         "(default: the CPUs --threads leaves free, 1 to 8; up to 8 on a GPU)")
@@ -509,15 +562,19 @@ def check_output(out: Path, resume: bool) -> None:
     check_output_writable(out, need_bytes=OUTPUT_FREE_BYTES)
 
 
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_streams(threads: int | None) -> int:
+    """Inference calls at once on the CPU: 2 where the threads (default: every CPU) can be split in two.
+    On the 2-core AMD EPYC, 2 streams of 1 thread computed batches of 32 faster than 1 stream of 2
+    (docs/predict.md): OpenVINO INT8 1.19x, onnxruntime INT8 1.23x, and a decoding thread preempting
+    one stream no longer stalls the other. A GPU runner keeps 1 whatever is asked (``load``)."""
+    return 2 if (threads or usable_cpus()) >= 2 else 1
 
 
 def default_workers(device: str, threads: int | None) -> int:
     """Decoding threads: on a GPU, up to 8 (every CPU is free for them); on the CPU, the cores that
     inference leaves free (a backend left to choose its threads takes them all), and at least one,
     which still overlapped inference profitably on a 2-core CPU running 2 inference threads."""
-    cpus = _usable_cpus()
+    cpus = usable_cpus()
     if device != "cpu":
         return min(8, cpus)
     return max(1, min(8, cpus - (threads or cpus)))
@@ -531,7 +588,8 @@ def predict(args: argparse.Namespace) -> int:
     if args.ray is None:
         refuse_unused(args, ["actors"], "without --ray (they size its actor pool): add --ray or drop it")
     else:
-        refuse_unused(args, ["workers"], "with --ray (each actor decodes its own batches): drop it, or use --actors")
+        refuse_unused(args, ["workers", "streams"],
+                      "with --ray (each actor decodes and infers its own batches): drop it, or use --actors")
         from tl_deploy.predict_ray import import_ray
 
         import_ray()  # a missing extra is refused before any work
@@ -543,8 +601,9 @@ def predict(args: argparse.Namespace) -> int:
                             "model artifact.")
     check_output(args.out, args.resume)
     paths = collect_inputs(args.inputs)
+    streams = 1 if args.ray is not None else args.streams or default_streams(args.threads)
     classifier = load(args.model, backend=args.backend, precision=args.precision, threads=args.threads,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, streams=streams)
     with classifier:
         num_classes = len(classifier.class_names)
         top_k = min(args.top_k, num_classes)
@@ -559,7 +618,8 @@ def predict(args: argparse.Namespace) -> int:
                          len(paths))
         batch_size = args.batch_size or classifier.runner.max_batch or DEFAULT_BATCH
         workers = args.workers if args.workers is not None else default_workers(classifier.device, args.threads)
-        pipeline = f"{workers} decode workers"
+        pipeline = f"{workers} decode workers, {classifier.streams} inference stream" + \
+            ("s" if classifier.streams > 1 else "")
         if args.ray is not None and todo:
             from tl_deploy.predict_ray import RaySettings, run_ray_predictions, start_ray
 

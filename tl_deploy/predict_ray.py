@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from tl_deploy import errors
 from tl_deploy.errors import BackendUnavailableError, DataError, TlDeployError, UsageError
-from tl_deploy.predict import Row, RowWriter, Summary, _usable_cpus, decode_batch, predict_batch, row_columns
+from tl_deploy.predict import Row, RowWriter, Summary, decode_batch, predict_batch, row_columns
+from tl_deploy.runtime.base import usable_cpus
 
 if TYPE_CHECKING:
     from tl_deploy.runtime import Classifier
@@ -143,7 +144,7 @@ def start_ray(settings: RaySettings, verbose: bool = False) -> bool:
     level = logging.DEBUG if verbose else logging.WARNING
     try:
         if settings.address == LOCAL:
-            actors = settings.actors or max(1, _usable_cpus() // settings.threads)
+            actors = settings.actors or max(1, usable_cpus() // settings.threads)
             ray.init(num_cpus=actors * settings.threads, include_dashboard=False, logging_level=level)
         else:
             ray.init(address=settings.address, logging_level=level)

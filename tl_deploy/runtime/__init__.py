@@ -188,7 +188,7 @@ def export_choices(folder: Path, *, tensorrt_ok: bool, openvino_ok: bool = False
 
 def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str = "auto",
          providers: Sequence[str] | None = None, threads: int | None = None,
-         device: str | None = None, verify: bool = True) -> Classifier:
+         device: str | None = None, verify: bool = True, streams: int = 1) -> Classifier:
     """Load a classifier; ``.backend_name`` and ``.precision`` say what was picked (also logged).
 
     ``backend``: auto | torch | onnxruntime | openvino | tensorrt. ``precision`` (export folders): auto
@@ -200,16 +200,21 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
     docs/speed.md), else onnxruntime; the choice and the reason are logged.
     ``verify``: check the sha256 manifest (artifact's manifest.json, or the export folder's
     export.json) before loading; ``False`` loads a modified file deliberately.
+    ``streams``: on the CPU, onnxruntime and OpenVINO split ``threads`` between that many ``infer``
+    calls running at once from as many threads (``Classifier.streams`` says how many the backend
+    took: 1 on a GPU, for torch and TensorRT); one call alone then has only its share of the threads.
     """
     if backend not in BACKENDS:
         raise TlDeployError(f"Invalid backend {backend!r}. Only {', '.join(BACKENDS)} exist.")
+    if streams < 1:
+        raise TlDeployError(f"Invalid streams={streams}: choose 1 or more.")
     fix_mmap_threshold()
     path = Path(path)
     if path.is_file():
         if verify:
             verify_export_file(path)
         classifier = _load_file(path, backend, precision=precision, providers=providers, threads=threads,
-                                device=device)
+                                device=device, streams=streams)
     elif (path / ARTIFACT_CONFIG).is_file():
         if backend not in ("auto", "torch"):
             raise ArtifactError(
@@ -229,13 +234,13 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
         ort_gpu = wants_gpu and ort_gpu_available()
         classifier = _load_from_folder(path, manifest, files, backend=backend, precision=precision,
                                        tensorrt_ok=tensorrt_ok, ort_gpu=ort_gpu, providers=providers,
-                                       threads=threads, device=device, verify=verify)
+                                       threads=threads, device=device, verify=verify, streams=streams)
         if ort_gpu and classifier.backend_name == "onnxruntime" and classifier.device == "cpu":
             # onnxruntime's build lists CUDA, but the session could not start it (logged): the file the
             # CPU runs fastest instead of the one picked for the GPU.
             classifier = _load_from_folder(path, manifest, files, backend=backend, precision=precision,
                                            tensorrt_ok=tensorrt_ok, ort_gpu=False, providers=providers,
-                                           threads=threads, device=device, verify=verify)
+                                           threads=threads, device=device, verify=verify, streams=streams)
     elif path.exists():
         raise ArtifactError(
             f"{path} is neither a model artifact (no {ARTIFACT_CONFIG}) nor an export folder "
@@ -251,7 +256,7 @@ def load(path: str | os.PathLike[str], backend: str = "auto", *, precision: str 
 def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence[Mapping[str, Any]], *,
                       backend: str, precision: str, tensorrt_ok: bool, ort_gpu: bool,
                       providers: Sequence[str] | None, threads: int | None, device: str | None,
-                      verify: bool) -> Classifier:
+                      verify: bool, streams: int = 1) -> Classifier:
     entry, reason = choose_export_file(files, backend=backend, precision=precision, tensorrt_ok=tensorrt_ok,
                                        ort_gpu=ort_gpu)
     runtime = "openvino" if backend == "openvino" or precision == "bf16" else "auto"
@@ -260,7 +265,8 @@ def _load_from_folder(folder: Path, manifest: Mapping[str, Any], files: Sequence
         entry, reason, runtime, precision = _auto_cpu_choice(files, entry, reason)
     _logger.info("export folder %s: picked %s (%s)", folder, entry["file"], reason)
     chosen = export_file(folder, str(entry["file"]), manifest, verify=verify)
-    return _load_file(chosen, runtime, precision=precision, providers=providers, threads=threads, device=device)
+    return _load_file(chosen, runtime, precision=precision, providers=providers, threads=threads, device=device,
+                      streams=streams)
 
 
 def _auto_cpu_choice(files: Sequence[Mapping[str, Any]], entry: Mapping[str, Any],
@@ -279,11 +285,11 @@ def _auto_cpu_choice(files: Sequence[Mapping[str, Any]], entry: Mapping[str, Any
 
 
 def _load_file(path: Path, backend: str, *, precision: str = "auto", providers: Sequence[str] | None,
-               threads: int | None, device: str | None = None) -> Classifier:
+               threads: int | None, device: str | None = None, streams: int = 1) -> Classifier:
     suffix = path.suffix.lower()
     if suffix == ONNX_SUFFIX and (backend == "openvino" or precision == "bf16"):
         return _load_openvino(path, backend, precision=precision, providers=providers, threads=threads,
-                              device=device)
+                              device=device, streams=streams)
     if suffix == ONNX_SUFFIX:
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(
@@ -298,7 +304,7 @@ def _load_file(path: Path, backend: str, *, precision: str = "auto", providers: 
             check_ort_tensorrt_versions()
         if providers is None and device == "cpu":
             providers = ["CPUExecutionProvider"]
-        return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads)
+        return load_onnx(path, providers=providers, device_id=gpu_index(device), threads=threads, streams=streams)
     if suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
             raise ArtifactError(f"{path.name} is a TensorRT engine: only backend='tensorrt' runs it.")
@@ -309,7 +315,7 @@ def _load_file(path: Path, backend: str, *, precision: str = "auto", providers: 
 
 
 def _load_openvino(path: Path, backend: str, *, precision: str, providers: Sequence[str] | None,
-                   threads: int | None, device: str | None) -> Classifier:
+                   threads: int | None, device: str | None, streams: int = 1) -> Classifier:
     """An ONNX file on OpenVINO's CPU plugin; options that only other backends have are refused."""
     if backend not in ("auto", "openvino"):
         raise TlDeployError(f"precision='bf16' is computed by OpenVINO only, not backend={backend!r}: pass "
@@ -321,4 +327,5 @@ def _load_openvino(path: Path, backend: str, *, precision: str, providers: Seque
                                       "or use backend='onnxruntime' or 'tensorrt' for a GPU.")
     from tl_deploy.runtime.openvino_backend import load_openvino
 
-    return load_openvino(path, precision="bf16" if precision == "bf16" else "auto", threads=threads)
+    return load_openvino(path, precision="bf16" if precision == "bf16" else "auto", threads=threads,
+                         streams=streams)

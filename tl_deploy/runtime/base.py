@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from tl_deploy.errors import DataError, TlDeployError
 from tl_deploy.formats.names import FLOAT_NCHW
 
 _logger = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Runner(abc.ABC):
     precision: str = "fp32"  # "fp32", "fp16", "int8", or "bf16" (what OpenVINO computes an FP32 file in)
     input_layout: str = FLOAT_NCHW  # float32_nchw or uint8_nhwc
     thread_safe: bool = True  # may infer() be called concurrently?
+    streams: int = 1  # infer() calls that compute at once, each on its share of the threads (load(streams=))
     max_batch: int | None = None  # largest batch one call accepts (None: any)
     device: str = "cpu"  # where it runs, for humans ("cpu", "cuda:0", ...)
     is_active: bool = False  # between activate() and deactivate()

@@ -103,6 +103,11 @@ class Classifier:
         return self.runner.device
 
     @property
+    def streams(self) -> int:
+        """``infer`` calls that compute at once (``load(streams=)``); 1 for most runners."""
+        return self.runner.streams
+
+    @property
     def thread_safe(self) -> bool:
         return self.runner.thread_safe
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from tl_deploy.errors import ArtifactError, BackendUnavailableError
 from tl_deploy.formats.names import FLOAT_NCHW, UINT8_NHWC
-from tl_deploy.runtime.base import InputSpec, Runner
+from tl_deploy.runtime.base import InputSpec, Runner, usable_cpus
 from tl_deploy.runtime.classifier import Classifier, checked_metadata
 
 _logger = logging.getLogger(__name__)
@@ -95,22 +95,28 @@ class OnnxRuntimeRunner(Runner):
     thread_safe = True
 
     def __init__(self, source: str | Path | bytes, *, providers: Sequence[str] | None = None, device_id: int = 0,
-                 threads: int | None = None, optimize: bool = True, spin: bool = True) -> None:
+                 threads: int | None = None, optimize: bool = True, spin: bool = True, streams: int = 1) -> None:
         """``source``: an ONNX file, or a serialized graph in memory. ``providers`` None: CUDA when
         onnxruntime-gpu has it (falling back to CPU with a warning when the session cannot create it),
         then CPU; named providers must all be created or activation fails. ``device_id``: the GPU the
         CUDA/TensorRT providers run on. ``optimize=False`` runs the graph as written (Q/DQ not fused:
         the integer arithmetic TensorRT performs for a QDQ file); ``spin=False`` keeps idle worker
         threads from busy-waiting, so they do not steal cores from other work timed in the same process.
+        ``streams``: calls meant to run at once on the CPU (``streams`` from ``Runner``): each gets
+        ``threads // streams`` (at least 1) of the ``threads`` (None: every CPU), since concurrent
+        ``run`` calls share the session's one intra-op pool. A session on a GPU keeps one stream.
         Stores the settings only: ``activate()`` creates the session."""
         if device_id < 0:
             raise BackendUnavailableError(f"Invalid GPU index {device_id}: choose 0 or more.")
         if threads is not None and threads < 1:
             raise BackendUnavailableError(f"Invalid threads={threads}: choose 1 or more.")
+        if streams < 1:
+            raise BackendUnavailableError(f"Invalid streams={streams}: choose 1 or more.")
         self.source = source if isinstance(source, bytes) else Path(source)
         self.name = "in-memory graph" if isinstance(source, bytes) else Path(source).name
         self._asked = list(providers) if providers is not None else None
         self._device_id, self._threads, self._optimize, self._spin = device_id, threads, optimize, spin
+        self._streams = streams
         self.providers: list[str] = []
         self.session: Any = None
 
@@ -122,9 +128,10 @@ class OnnxRuntimeRunner(Runner):
         if isinstance(self.source, Path) and not self.source.is_file():
             raise ArtifactError(f"ONNX file not found: {self.source}.")
         chosen = self._providers(ort.get_available_providers())
+        streams = self._streams if chosen[0] not in DEVICE_PROVIDERS else 1
         try:
             session = ort.InferenceSession(self.source if isinstance(self.source, bytes) else str(self.source),
-                                           self._session_options(ort), providers=chosen,
+                                           self._session_options(ort, streams), providers=chosen,
                                            provider_options=provider_options(chosen, self._device_id))
         except Exception as exc:  # onnxruntime raises its own exception types
             where = self.source if isinstance(self.source, Path) else self.name
@@ -145,6 +152,7 @@ class OnnxRuntimeRunner(Runner):
         self._spec = _input_spec(inputs[0]) if len(inputs) == 1 else None
         self.input_layout = UINT8_NHWC if inputs and inputs[0].type == "tensor(uint8)" else FLOAT_NCHW
         self.device = f"cuda:{self._device_id}" if self.providers[0] in DEVICE_PROVIDERS else "cpu"
+        self.streams = streams if self.device == "cpu" else 1
 
     def _providers(self, available: Sequence[str]) -> list[str]:
         """The providers to ask the session for, refused when the build lacks one."""
@@ -158,14 +166,16 @@ class OnnxRuntimeRunner(Runner):
             )
         return chosen
 
-    def _session_options(self, ort: Any) -> Any:
+    def _session_options(self, ort: Any, streams: int = 1) -> Any:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self._optimize else \
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if not self._spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if self._threads is not None:
+        if streams > 1:
+            options.intra_op_num_threads = max(1, (self._threads or usable_cpus()) // streams)
+        elif self._threads is not None:
             options.intra_op_num_threads = self._threads
         options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
         return options
@@ -200,12 +210,12 @@ def _input_spec(arg: Any) -> InputSpec | None:
 
 
 def load_onnx(path: Path, *, providers: Sequence[str] | None = None, device_id: int = 0, threads: int | None = None,
-              optimize: bool = True, spin: bool = True) -> Classifier:
+              optimize: bool = True, spin: bool = True, streams: int = 1) -> Classifier:
     """An ``.onnx`` file written by tl_deploy -> classifier on onnxruntime (options: ``OnnxRuntimeRunner``).
 
     The file's metadata must be there and match its graph (one image input, one logits output)."""
     runner = OnnxRuntimeRunner(path, providers=providers, device_id=device_id, threads=threads, optimize=optimize,
-                               spin=spin)
+                               spin=spin, streams=streams)
     runner.activate()
     try:
         metadata = checked_metadata(runner, path)

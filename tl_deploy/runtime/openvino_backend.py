@@ -29,6 +29,9 @@ _logger = logging.getLogger(__name__)
 INSTALL = "pip install 'tl_deploy[openvino]'"
 COMPUTE = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values a runner may ask for
 PERFORMANCE_HINT = "LATENCY"  # one stream: one request uses every thread (bench/bench_openvino.py)
+# streams > 1 (concurrent requests, predict's default on the CPU): NUM_STREAMS streams share
+# INFERENCE_NUM_THREADS, under the THROUGHPUT hint (docs/predict.md measures it)
+STREAMS_HINT = "THROUGHPUT"
 # A one-image call runs a copy of the graph compiled for batch 1: a static shape let the CPU plugin pick
 # faster kernels (model.int8.onnx, 2 threads, AMD EPYC, bench/bench_openvino.py: p50 0.97 / 1.85 ms vs
 # 1.07 / 2.05 ms with the batch dimension left dynamic; docs/speed.md). Other batch sizes share the
@@ -96,19 +99,24 @@ class OpenVinoRunner(Runner):
     thread_safe = True
 
     def __init__(self, source: str | Path, *, compute: str = "f32", threads: int | None = None,
-                 force_bf16: bool = False) -> None:
+                 force_bf16: bool = False, streams: int = 1) -> None:
         """``source``: an ONNX (or OpenVINO IR ``.xml``) file. ``compute``: ``f32`` (strict: the
         default hint of OpenVINO would be bf16 on CPUs that have it) or ``bf16`` (refused on a CPU
         without native bf16 unless ``force_bf16``, which lets tests run the path anywhere).
-        ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's choice, every core). Stores the
+        ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's choice, every core). ``streams``:
+        ``NUM_STREAMS``, requests that compute at once (from as many threads calling ``infer``), sharing
+        the threads (``streams`` from ``Runner``, read back from the compiled model). Stores the
         settings only: ``activate()`` compiles the model."""
         if compute not in COMPUTE:
             raise BackendUnavailableError(f"Invalid OpenVINO compute precision {compute!r}: choose "
                                           f"{' or '.join(COMPUTE)}.")
         if threads is not None and threads < 1:
             raise BackendUnavailableError(f"Invalid threads={threads}: choose 1 or more.")
+        if streams < 1:
+            raise BackendUnavailableError(f"Invalid streams={streams}: choose 1 or more.")
         self.source = Path(source)
         self._compute, self._threads, self._force_bf16 = compute, threads, force_bf16
+        self._streams = streams
         self.compute = compute  # what the compiled model computes in, read back from OpenVINO on activate
         self.model: Any = None  # ov.Model as read (its rt_info holds the ONNX metadata_props)
         self.compiled: Any = None
@@ -140,6 +148,7 @@ class OpenVinoRunner(Runner):
         # What the compiled model computes in, from OpenVINO itself (a hint the CPU cannot honour is dropped).
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
         self.compute = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self._idle = queue.SimpleQueue()
         self._idle.put(self.compiled.create_infer_request())
         inputs = self.model.inputs
@@ -152,6 +161,8 @@ class OpenVinoRunner(Runner):
     def compile_config(self) -> dict[str, str]:
         """The CPU plugin settings, every one explicit (OpenVINO's defaults differ by CPU and version)."""
         config = {"INFERENCE_PRECISION_HINT": self._compute, "PERFORMANCE_HINT": PERFORMANCE_HINT}
+        if self._streams > 1:
+            config.update(PERFORMANCE_HINT=STREAMS_HINT, NUM_STREAMS=str(self._streams))
         if self._threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(self._threads)
         return config
@@ -237,7 +248,7 @@ def _input_spec(port: Any) -> InputSpec | None:
 
 
 def load_openvino(path: Path, *, precision: str = "auto", threads: int | None = None,
-                  force_bf16: bool = False) -> Classifier:
+                  force_bf16: bool = False, streams: int = 1) -> Classifier:
     """An ``.onnx`` file written by tl_deploy -> classifier on OpenVINO's CPU plugin.
 
     ``precision``: ``auto`` (the file's own: fp32, fp16 or int8, computed without bf16), or ``bf16``
@@ -247,7 +258,7 @@ def load_openvino(path: Path, *, precision: str = "auto", threads: int | None = 
         raise BackendUnavailableError(f"Invalid OpenVINO precision {precision!r}: choose auto (the file's own) "
                                       "or bf16.")
     runner = OpenVinoRunner(path, compute="bf16" if precision == "bf16" else "f32", threads=threads,
-                            force_bf16=force_bf16)
+                            force_bf16=force_bf16, streams=streams)
     runner.activate()
     try:
         metadata = checked_metadata(runner, path)
@@ -258,5 +269,6 @@ def load_openvino(path: Path, *, precision: str = "auto", threads: int | None = 
         runner.deactivate()
         raise
     runner.precision = "bf16" if runner.compute == "bf16" else metadata.precision
-    _logger.info("openvino: %s, %s compute, %s threads", path.name, runner.compute, threads or "default")
+    _logger.info("openvino: %s, %s compute, %s threads, %d stream(s)", path.name, runner.compute,
+                 threads or "default", runner.streams)
     return Classifier(runner, metadata, path)
