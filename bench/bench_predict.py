@@ -10,7 +10,8 @@ the same file on the same backend loaded as ``tl-deploy bench`` loads it (one st
 before and just after each pass: the ratio of a pass is its images/s over the mean of the two, and
 the median ratio over the passes is reported. Target: end to end >= 80% of the reference.
 
-Where the time goes, measured in the same run: decoding alone on one thread (the reference
+Where the time goes, measured in the same run: the batch of 32 on predict's streams at once (against
+the one-stream reference, side by side), decoding alone on one thread (the reference
 ``preprocess.prepare`` image by image, and ``preprocess.prepare_batch`` that predict uses), and the
 pipeline without decoding (``predicted_rows`` and the JSONL writer over batches decoded beforehand):
 the ceiling of the ratio whatever the decoding costs.
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,20 @@ def main() -> int:
         def reference() -> float:  # tl_deploy.bench's timing of one stream, as `tl-deploy bench` loads it
             return interleaved({"infer": lambda: ref.infer(batch)}, BATCH, config)["infer"].images_per_s
 
+        def on_streams(calls: int = 64) -> float:  # the same batch on every stream at once (predict's classifier)
+            with ThreadPoolExecutor(clf.streams) as pool:
+                start = time.perf_counter()
+                list(pool.map(lambda _: [clf.infer(batch) for _ in range(calls // clf.streams)],
+                              range(clf.streams)))
+                return BATCH * (calls // clf.streams) * clf.streams / (time.perf_counter() - start)
+
         reference()  # warm-up
+        on_streams()
+        stream_ratios = []
+        for _ in range(5):
+            before = reference()
+            rate = on_streams()
+            stream_ratios.append(rate / statistics.mean([before, reference()]))
         refs, e2e, ratios = [], [], []
         with tempfile.TemporaryDirectory(prefix="bench_predict.") as tmp:
             for run in range(args.runs):  # each pass between two reference timings: side by side
@@ -118,6 +133,9 @@ def main() -> int:
               f"{rate:.1f} images/s | {ratio:.1%}")
     print(f"ratio: median {statistics.median(ratios):.1%} of batch-32 throughput over {args.runs} passes "
           f"(range {min(ratios):.1%}-{max(ratios):.1%}; target >= 80%)")
+    low, high = min(stream_ratios), max(stream_ratios)
+    print(f"batch-32 infer on {clf.streams} streams at once, no decoding: median "
+          f"{statistics.median(stream_ratios):.2f}x the one-stream reference (5 rounds, range {low:.2f}x-{high:.2f}x)")
     print(f"decoding alone, one thread: prepare {decode_ref / len(paths) * 1e3:.3f} ms/image, prepare_batch "
           f"{decode_fast / len(paths) * 1e3:.3f} ms/image")
     print(f"predict without decoding (batches decoded beforehand, {clf.streams} streams): {ceiling:.1f} images/s = "
