@@ -426,33 +426,29 @@ def predicted_rows(classifier: Classifier, batches: Iterable[DecodedBatch], top_
     after handing out the rows of every batch before it.
     """
     streams = classifier.streams
-    handed = 0
+    handed = 0  # rows handed out
     inflight: deque[Future[list[Row]]] = deque()
+
+    def oldest() -> list[Row]:
+        nonlocal handed
+        rows = inflight.popleft().result()
+        handed += len(rows)
+        return rows
+
     with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
         try:
             for batch in batches:
                 bad = next(iter(batch.errors.values()), None)
                 if fail_on_bad and bad is not None:
                     while inflight:
-                        rows = inflight.popleft().result()
-                        handed += len(rows)
-                        yield rows
+                        yield oldest()
                     raise DataError(f"{bad} (--on-bad-image fail; the {handed} rows before it are in the output: "
                                     "fix or remove the file, then run again with --resume)")
-                if streams == 1:
-                    rows = predict_batch(classifier, batch, top_k)
-                    handed += len(rows)
-                    yield rows
-                    continue
                 inflight.append(pool.submit(predict_batch, classifier, batch, top_k))
                 if len(inflight) == streams:
-                    rows = inflight.popleft().result()
-                    handed += len(rows)
-                    yield rows
+                    yield oldest()
             while inflight:
-                rows = inflight.popleft().result()
-                handed += len(rows)
-                yield rows
+                yield oldest()
         finally:  # stopped early: the batches not yet started are dropped, the running ones finish
             for future in inflight:
                 future.cancel()
