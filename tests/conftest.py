@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +22,16 @@ os.environ["TL_DEPLOY_OPENVINO"] = "0"
 TINY_CLASSES = ["circle", "square", "bar"]
 TINY_MODEL = "test_efficientnet"  # timm's ~100k-parameter test architecture
 TINY_SIZE = 32
+
+
+def assert_streams_match_serial(clf: Any, images: list[Path]) -> None:
+    """Batches of ``images`` inferred on ``clf.streams`` threads at once give the serial logits, bit for bit."""
+    batches = [clf.preprocess(images[i:i + 4]) for i in range(0, 16, 4)]
+    serial = [clf.infer(b) for b in batches]
+    with ThreadPoolExecutor(clf.streams) as pool:
+        at_once = list(pool.map(clf.infer, batches))
+    for a, b in zip(at_once, serial):
+        np.testing.assert_array_equal(a, b)
 
 
 def draw_shape(kind: str, rng: np.random.Generator, size: int = 40) -> Image.Image:

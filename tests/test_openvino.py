@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import builtins
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import assert_streams_match_serial
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, TlDeployError
 from tl_deploy.runtime import choose_openvino_file, export_choices, load
 from tl_deploy.runtime.catalog import resolve_backends
@@ -64,12 +64,7 @@ def test_streams_compile_that_many_requests_sharing_the_threads(export_dir: Path
     clf = load(export_dir, backend="openvino", precision="fp32", threads=2, streams=2)
     with clf:
         assert clf.streams == 2  # read back from the compiled model
-        batches = [clf.preprocess(test_images[i:i + 4]) for i in range(0, 16, 4)]
-        serial = [clf.infer(b) for b in batches]
-        with ThreadPoolExecutor(2) as pool:
-            at_once = list(pool.map(clf.infer, batches))
-    for a, b in zip(at_once, serial):
-        np.testing.assert_array_equal(a, b)
+        assert_streams_match_serial(clf, test_images)
     with load(export_dir, backend="openvino", precision="fp32", threads=2) as one:
         assert one.streams == 1
 

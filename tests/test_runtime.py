@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import assert_streams_match_serial
 from tl_deploy.errors import ArtifactError, BackendUnavailableError, DataError, TlDeployError
 from tl_deploy.preprocess import prepare
 from tl_deploy.runtime import choose_export_file, load
@@ -93,12 +93,7 @@ def test_onnxruntime_streams_split_the_threads(export_dir: Path, tiny_artifact: 
     """streams=2 of threads=2: one intra-op thread per call, two calls at once, the same logits."""
     with load(export_dir / "model.onnx", device="cpu", threads=2, streams=2) as clf:
         assert clf.streams == 2 and clf.runner.session.get_session_options().intra_op_num_threads == 1
-        batches = [clf.preprocess(test_images[i:i + 4]) for i in range(0, 16, 4)]
-        serial = [clf.infer(b) for b in batches]
-        with ThreadPoolExecutor(2) as pool:
-            at_once = list(pool.map(clf.infer, batches))
-    for a, b in zip(at_once, serial):
-        np.testing.assert_array_equal(a, b)
+        assert_streams_match_serial(clf, test_images)
     with load(export_dir / "model.onnx", device="cpu", threads=2) as clf:
         assert clf.streams == 1 and clf.runner.session.get_session_options().intra_op_num_threads == 2
     with load(tiny_artifact, device="cpu", streams=2) as clf:
