@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import TINY_CLASSES
 from tl_deploy.errors import DataError
 from tl_deploy.predict import collect_inputs, csv_header, decoded_batches, main, read_rows
-from tl_deploy.preprocess import prepare
+from tl_deploy.preprocess import PreprocessSpec, prepare
 
 TEST_IMAGES = 8 * len(TINY_CLASSES)  # tiny_data's test split
 
@@ -92,8 +92,6 @@ def test_batches_inferred_at_once_give_the_same_rows(model: Path, tiny_data: Pat
 
 @pytest.mark.parametrize("held", [1, 2, 3])
 def test_a_reused_array_is_written_over_only_after_held_newer_batches(tiny_data: Path, held: int) -> None:
-    from tl_deploy.preprocess import PreprocessSpec
-
     spec = PreprocessSpec(input_size=16, resize=16)
     paths = collect_inputs([str(tiny_data / "test")])[:14]
     expected = [np.stack([prepare(p, spec) for p in paths[i:i + 2]]) for i in range(0, len(paths), 2)]

@@ -152,7 +152,7 @@ class OnnxRuntimeRunner(Runner):
         self._spec = _input_spec(inputs[0]) if len(inputs) == 1 else None
         self.input_layout = UINT8_NHWC if inputs and inputs[0].type == "tensor(uint8)" else FLOAT_NCHW
         self.device = f"cuda:{self._device_id}" if self.providers[0] in DEVICE_PROVIDERS else "cpu"
-        self.streams = streams if self.device == "cpu" else 1
+        self.streams = streams  # 1 on a device provider, and when one was asked for but lost
 
     def _providers(self, available: Sequence[str]) -> list[str]:
         """The providers to ask the session for, refused when the build lacks one."""
