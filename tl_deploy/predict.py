@@ -561,9 +561,9 @@ def check_output(out: Path, resume: bool) -> None:
 def default_streams(threads: int | None) -> int:
     """Inference calls at once on the CPU: 2 where the threads (default: every CPU) can be split in two.
     On the 2-core AMD EPYC at 2 threads (``bench/bench_predict.py``, docs/predict.md), predict end to
-    end reached 83-91% of the one-stream batch-32 throughput on 2 streams against 78% on 1 (OpenVINO
-    INT8), 96% against 82% (onnxruntime INT8): a decoding thread taking a core stops one stream's batch,
-    not both threads of one call. A GPU runner keeps 1 whatever is asked (``load``)."""
+    end reached 80-91% of the one-stream batch-32 throughput on 2 streams against 78-79% on 1 (OpenVINO
+    INT8), 96-108% against 80-82% (onnxruntime INT8): a decoding thread taking a core stops one
+    stream's batch, not both threads of one call. A GPU runner keeps 1 whatever is asked (``load``)."""
     return 2 if (threads or usable_cpus()) >= 2 else 1
 
 
